@@ -1,0 +1,349 @@
+"""The ``pnnctl`` command line: train, compare, plot, list. A thin layer over the Python API.
+
+Every user-fixable problem ends as one line on stderr and exit code 2; an interrupted run exits
+130 (SIGINT) or 143 (SIGTERM) after writing a checkpoint and printing the resume command.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from pnnctl.errors import UsageError
+
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="Compare ways of cutting neural-network training across workers.",
+)
+console = Console(stderr=True)
+out_console = Console()
+
+
+def _interactive() -> bool:
+    return console.is_terminal
+
+
+class CliProgress:
+    """A rich progress bar on a terminal, plain lines otherwise (CI logs, pipes)."""
+
+    def __init__(self, label: str = "") -> None:
+        self.label = label
+        self._progress: Any = None
+        self._task: Any = None
+        self._run_id = ""
+
+    def start(self, run_id: str, total_epochs: float, epoch: float) -> None:
+        self._run_id = run_id
+        if _interactive():
+            from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                TextColumn("epoch {task.completed:.2f}/{task.total:g}"),
+                TextColumn("{task.fields[status]}"),
+                TimeRemainingColumn(),
+                console=console,
+                transient=False,
+            )
+            self._progress.start()
+            self._task = self._progress.add_task(
+                f"{self.label}{run_id}", total=total_epochs, completed=epoch, status=""
+            )
+        else:
+            console.print(f"{self.label}{run_id}: training for {total_epochs:g} epochs", highlight=False)
+
+    def update(self, epoch: float, loss: float, acc: float | None) -> None:
+        text = f"loss {loss:.4f}" + (f"  acc {acc * 100:.2f}%" if acc is not None else "")
+        if self._progress is not None:
+            self._progress.update(self._task, completed=epoch, status=text)
+        else:
+            console.print(f"{self.label}{self._run_id}: epoch {epoch:.2f}  {text}", highlight=False)
+
+    def finish(self, status: str) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+        console.print(f"{self.label}{self._run_id}: {status}", highlight=False)
+
+
+def _flags(**values: Any) -> dict[str, Any]:
+    return {k: v for k, v in values.items() if v is not None}
+
+
+# Options shared by train and compare (Typer reads them from the signatures).
+StrategyOpt = Annotated[str | None, typer.Option("--strategy", "-s", help="strategy (pnnctl list strategies)")]
+DatasetOpt = Annotated[str | None, typer.Option(help="dataset (pnnctl list datasets); default mnist-small")]
+ModelOpt = Annotated[str | None, typer.Option(help="model spec, e.g. mlp:784-512-512-10 or lenet")]
+EpochsOpt = Annotated[float | None, typer.Option(help="passes over the training set (default 5)")]
+BatchOpt = Annotated[int | None, typer.Option("--batch-size", help="samples per worker per step (default 32)")]
+LrOpt = Annotated[float | None, typer.Option(help="learning rate (default 0.05)")]
+OptimizerOpt = Annotated[str | None, typer.Option(help="sgd | adam | adamw")]
+DeviceOpt = Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:K")]
+OutOpt = Annotated[str | None, typer.Option(help="results folder (default results/)")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML file of run fields and [strategy] tables")]
+SetOpt = Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE override, e.g. ist.local_steps=20")]
+TargetOpt = Annotated[float | None, typer.Option("--target-acc", help="accuracy (0-1) to report time-to")]
+ShardOpt = Annotated[str | None, typer.Option(help="iid | dirichlet:ALPHA | by-class")]
+DataDirOpt = Annotated[str | None, typer.Option("--data-dir", help="folder of file-backed datasets")]
+DownloadOpt = Annotated[bool | None, typer.Option("--download/--no-download", help="fetch via torchvision")]
+NetworkOpt = Annotated[str | None, typer.Option(help="network model: lan-1g | dc-10g | dc-100g | wan | edge | LAT,BW")]
+NprocOpt = Annotated[int | None, typer.Option(help="local processes (torch.distributed, gloo/nccl)")]
+BackendOpt = Annotated[str | None, typer.Option(help="auto | gloo | nccl")]
+ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue an interrupted run from its checkpoint")]
+BudgetOpt = Annotated[str | None, typer.Option(help="epochs | samples=N | bytes=N | seconds=N")]
+EvalOpt = Annotated[float | None, typer.Option("--eval-every", help="evaluate every this many epochs")]
+
+
+@app.command()
+def train(
+    strategy: StrategyOpt = None,
+    dataset: DatasetOpt = None,
+    model: ModelOpt = None,
+    workers: Annotated[int | None, typer.Option(help="logical workers N (default 4)")] = None,
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = None,
+    lr: LrOpt = None,
+    optimizer: OptimizerOpt = None,
+    seed: Annotated[int | None, typer.Option(help="run seed (default 0)")] = None,
+    device: DeviceOpt = None,
+    out: OutOpt = None,
+    run_name: Annotated[str | None, typer.Option("--run-name", help="run folder name")] = None,
+    resume: ResumeOpt = False,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    target_acc: TargetOpt = None,
+    sharding: ShardOpt = None,
+    data_dir: DataDirOpt = None,
+    download: DownloadOpt = None,
+    network: NetworkOpt = None,
+    budget: BudgetOpt = None,
+    eval_every: EvalOpt = None,
+    nproc: NprocOpt = None,
+    backend: BackendOpt = None,
+    fmt: Annotated[str, typer.Option("--format", help="table | json")] = "table",
+) -> None:
+    """Train one run into OUT/RUN_NAME/ (metrics.csv, summary.json, config.toml, env.json)."""
+    from pnnctl.config import resolve_config
+
+    flags = _flags(
+        strategy=strategy, dataset=dataset, model=model, workers=workers, epochs=epochs,
+        batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, device=device, out=out,
+        run_name=run_name, target_acc=target_acc, sharding=sharding, data_dir=data_dir,
+        download=download, network=network, budget=budget, eval_every=eval_every, nproc=nproc,
+        backend=backend,
+    )
+    cfg = resolve_config(config, flags, set_ or [])
+    if fmt not in ("table", "json"):
+        raise UsageError("format", f"must be table or json, not {fmt!r}")
+    from pnnctl.launch import run_training
+
+    result = run_training(cfg, resume=resume, progress=CliProgress(), argv=sys.argv)
+    if result is None:  # a non-zero rank of a distributed run: rank 0 reports
+        return
+    for note in result.notes:
+        console.print(f"warning: {note}", highlight=False)
+    if fmt == "json":
+        out_console.print_json(json.dumps(result.summary, default=str))
+    else:
+        _print_run(result.summary)
+    _exit_for_status(result.status, result.summary)
+
+
+def _print_run(summary: dict[str, Any]) -> None:
+    final = summary.get("final", {})
+    table = Table(title=f"{summary.get('run_id')} ({summary.get('status')})")
+    for col in ("test acc", "best acc", "epochs", "bytes sent / worker", "compute s", "projected s"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        f"{float(final.get('test_acc', float('nan'))) * 100:.2f}%",
+        f"{float(summary.get('best_test_acc', float('nan'))) * 100:.2f}%",
+        f"{float(final.get('epoch', 0)):.2f}",
+        _human_bytes(float(final.get("bytes_sent_max_worker", 0))),
+        f"{float(final.get('compute_s', 0)):.2f}",
+        f"{float(final.get('projected_s', 0)):.2f}",
+    )
+    out_console.print(table)
+
+
+def _human_bytes(value: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(value) < 1000 or unit == "TB":
+            return f"{value:.1f} {unit}" if unit != "B" else f"{value:.0f} B"
+        value /= 1000
+    return f"{value:.1f} TB"
+
+
+def _exit_for_status(status: str, summary: dict[str, Any]) -> None:
+    if status == "interrupted":
+        command = " ".join(shlex.quote(a) for a in ["pnnctl", *sys.argv[1:]])
+        if "--resume" not in sys.argv:
+            command += " --resume"
+        console.print(f"interrupted; resume with: {command}", highlight=False)
+        signame = summary.get("signal", "SIGINT")
+        raise typer.Exit(128 + int(getattr(signal, signame, signal.SIGINT)))
+    if status == "diverged":
+        console.print("run diverged (NaN or inf); the last good checkpoint is kept", highlight=False)
+        raise typer.Exit(3)
+
+
+@app.command()
+def compare(
+    strategies: Annotated[str | None, typer.Option(help="comma-separated strategies")] = None,
+    workers: Annotated[str | None, typer.Option(help="comma-separated worker counts, e.g. 2,4,8")] = None,
+    seeds: Annotated[int | None, typer.Option(help="seeds per cell: 0..K-1 (default 1)")] = None,
+    datasets: Annotated[str | None, typer.Option(help="comma-separated datasets")] = None,
+    name: Annotated[str | None, typer.Option(help="grid folder name under --out (default: compare)")] = None,
+    model: ModelOpt = None,
+    epochs: EpochsOpt = None,
+    batch_size: BatchOpt = None,
+    lr: LrOpt = None,
+    optimizer: OptimizerOpt = None,
+    device: DeviceOpt = None,
+    out: OutOpt = None,
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    target_acc: TargetOpt = None,
+    sharding: ShardOpt = None,
+    data_dir: DataDirOpt = None,
+    network: NetworkOpt = None,
+    budget: BudgetOpt = None,
+    eval_every: EvalOpt = None,
+    nproc: NprocOpt = None,
+    no_plots: Annotated[bool, typer.Option("--no-plots", help="skip figures")] = False,
+    fmt: Annotated[str, typer.Option("--format", help="table | json")] = "table",
+) -> None:
+    """Run a grid of strategies x workers x seeds x datasets into OUT/NAME/ with a report and plots.
+
+    A grid folder resumes: finished cells are skipped, a half-done cell continues from its checkpoint.
+    """
+    from pnnctl.compare import GridSpec, compare_from_cli
+
+    if fmt not in ("table", "json"):
+        raise UsageError("format", f"must be table or json, not {fmt!r}")
+    flags = _flags(
+        model=model, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, device=device,
+        out=out, target_acc=target_acc, sharding=sharding, data_dir=data_dir, network=network,
+        budget=budget, eval_every=eval_every, nproc=nproc,
+    )
+    grid_flags = GridSpec.from_flags(strategies=strategies, workers=workers, seeds=seeds, datasets=datasets, name=name)
+    outcome = compare_from_cli(config, flags, set_ or [], grid_flags, plots=not no_plots, argv=sys.argv,
+                               progress_factory=CliProgress, console=console)
+    if fmt == "json":
+        out_console.print_json(outcome.cells.to_json(orient="records"))
+    else:
+        from pnnctl.report import render_table
+
+        rows = render_table(outcome.cells)
+        if rows:
+            table = Table(title=f"{outcome.folder} ({outcome.aggregate_note})")
+            for col in rows[0]:
+                table.add_column(col)
+            for row in rows:
+                table.add_row(*row.values())
+            out_console.print(table)
+        for failure in outcome.failures:
+            console.print(f"cell failed: {failure['run_id']}: {failure['error']}", highlight=False)
+        console.print(f"report: {outcome.folder / 'report.md'}", highlight=False)
+
+
+@app.command()
+def plot(
+    folder: Annotated[Path, typer.Argument(help="a run or compare folder")],
+    network: NetworkOpt = None,
+    target_acc: TargetOpt = None,
+) -> None:
+    """Draw figures (PNG and SVG) and report.md from a results folder's tables alone."""
+    from pnnctl.compare import report_folder
+    from pnnctl.network import parse_network
+
+    written = report_folder(folder, network=parse_network(network) if network else None,
+                            target_acc=target_acc, command=" ".join(["pnnctl", *sys.argv[1:]]))
+    for path in written:
+        out_console.print(str(path), highlight=False)
+
+
+@app.command(name="list")
+def list_(
+    what: Annotated[str, typer.Argument(help="strategies | datasets | models | networks | all")] = "all",
+) -> None:
+    """Show strategies (with their options), datasets, models and network presets, one line each."""
+    from pnnctl.config import field_docs
+    from pnnctl.data import DATASETS
+    from pnnctl.models import MODEL_FAMILIES
+    from pnnctl.network import NETWORK_PRESETS
+    from strategies import STRATEGIES
+
+    sections = {"strategies", "datasets", "models", "networks"}
+    if what != "all" and what not in sections:
+        raise UsageError("list", f"must be one of {', '.join(sorted(sections))} or all, not {what!r}")
+    if what in ("all", "strategies"):
+        table = Table(title="strategies")
+        table.add_column("name")
+        table.add_column("what it does / options (--set NAME.OPTION=V)")
+        for name, cls in STRATEGIES.items():
+            docs = field_docs(cls.Options)
+            import dataclasses
+
+            opts = [f"  {f.name}={f.default!r}: {docs.get(f.name, '')}" for f in dataclasses.fields(cls.Options)]
+            table.add_row(name, "\n".join([cls.summary, *opts]))
+        out_console.print(table)
+    if what in ("all", "datasets"):
+        table = Table(title="datasets")
+        table.add_column("name")
+        table.add_column("description")
+        for name, text in DATASETS.items():
+            table.add_row(name, text)
+        out_console.print(table)
+    if what in ("all", "models"):
+        table = Table(title="models")
+        table.add_column("family")
+        table.add_column("spec")
+        for name, family in MODEL_FAMILIES.items():
+            table.add_row(name, family.description)
+        out_console.print(table)
+    if what in ("all", "networks"):
+        table = Table(title="network presets")
+        for col in ("name", "latency", "bandwidth"):
+            table.add_column(col)
+        for name, net in NETWORK_PRESETS.items():
+            table.add_row(name, f"{net.latency_s * 1e3:g} ms", f"{net.bandwidth_bytes_per_s * 8 / 1e9:g} Gbit/s")
+        out_console.print(table)
+
+
+def _click_exceptions() -> Any:
+    # Typer >= 0.29 vendors click as typer._click; older versions use click itself.
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: run the app; turn usage errors into one line and exit code 2."""
+    click_errors = _click_exceptions()
+    try:
+        app(args=argv, standalone_mode=False)
+    except UsageError as exc:
+        console.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except getattr(click_errors, "NoArgsIsHelpError", ()) as exc:
+        exc.show()
+        sys.exit(0)
+    except click_errors.ClickException as exc:
+        console.print(f"error: {exc.format_message()}", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(2)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)

@@ -1,0 +1,340 @@
+"""Grids of runs: strategies x workers x seeds x datasets into one folder, then tables and figures.
+
+::
+
+    pnnctl compare --strategies centralized,allreduce,local-sgd --workers 2,4 --seeds 3
+    pnnctl compare --config experiment.toml         # a [compare] table plus run fields
+
+A grid folder resumes: finished cells are skipped, a half-done one continues from its checkpoint,
+a failed or diverged one is recorded and the rest go on. A lock file refuses a second writer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from pnnctl.config import RunConfig, config_from_dict, load_toml, resolve_layers, to_toml
+from pnnctl.errors import UsageError
+from pnnctl.io import atomic_write_text
+from pnnctl.network import NETWORK_PRESETS, NetworkModel
+
+GRID_KEYS = ("strategies", "workers", "seeds", "datasets", "name")
+
+
+@dataclass(frozen=True)
+class GridSpec:
+    strategies: tuple[str, ...] = ("centralized", "allreduce", "local-sgd")
+    workers: tuple[int, ...] = (4,)
+    seeds: int = 1
+    datasets: tuple[str, ...] = ()
+    name: str = "compare"
+
+    @staticmethod
+    def from_flags(**values: Any) -> dict[str, Any]:
+        """Comma-separated CLI strings to lists; None where the flag was not given."""
+        out: dict[str, Any] = {}
+        for key, value in values.items():
+            if value is None:
+                continue
+            if key in ("strategies", "datasets"):
+                out[key] = [v.strip() for v in str(value).split(",") if v.strip()]
+            elif key == "workers":
+                try:
+                    out[key] = [int(v) for v in str(value).split(",") if v.strip()]
+                except ValueError:
+                    raise UsageError(
+                        "workers", f"must be comma-separated integers such as 2,4,8, not {value!r}"
+                    ) from None
+            else:
+                out[key] = value
+        return out
+
+    @staticmethod
+    def build(values: dict[str, Any]) -> GridSpec:
+        unknown = set(values) - set(GRID_KEYS)
+        if unknown:
+            raise UsageError(f"compare.{sorted(unknown)[0]}", f"unknown key; allowed: {', '.join(GRID_KEYS)}")
+        spec = GridSpec(
+            strategies=tuple(values.get("strategies", GridSpec.strategies)),
+            workers=tuple(values.get("workers", GridSpec.workers)),
+            seeds=values.get("seeds", GridSpec.seeds),
+            datasets=tuple(values.get("datasets", ())),
+            name=values.get("name", GridSpec.name),
+        )
+        if not spec.strategies:
+            raise UsageError("strategies", "name at least one strategy")
+        if not spec.workers or any(not isinstance(w, int) or w < 1 for w in spec.workers):
+            raise UsageError("workers", f"must be integers >= 1, not {list(spec.workers)}")
+        if not isinstance(spec.seeds, int) or spec.seeds < 1:
+            raise UsageError("seeds", f"must be an integer >= 1, not {spec.seeds!r}")
+        if not spec.name or "/" in spec.name:
+            raise UsageError("name", f"must be a plain folder name, not {spec.name!r}")
+        return spec
+
+
+@dataclass
+class CompareOutcome:
+    folder: Path
+    metrics: pd.DataFrame
+    runs: pd.DataFrame
+    cells: pd.DataFrame
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    aggregate_note: str = "mean ± std over seeds"
+
+
+@contextmanager
+def grid_lock(folder: Path) -> Iterator[None]:
+    """One writer per grid folder: an O_EXCL lock file holding the owner's pid.
+
+    A lock whose process is gone (killed grid) is taken over, so a killed compare can resume.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / ".lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = int(lock.read_text().strip() or "0")
+            except (OSError, ValueError):
+                owner = 0
+            if owner and _alive(owner):
+                msg = f"{folder} is being written by another compare (pid {owner}); wait for it"
+                raise UsageError("out", msg) from None
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(str(os.getpid()))
+        break
+    else:
+        raise UsageError("out", f"cannot lock {folder}")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != os.getpid() or True
+
+
+def cell_configs(layers: dict[str, Any], grid: GridSpec, folder: Path) -> list[RunConfig]:
+    """Every run of the grid, validated before any of them starts."""
+    from strategies import get_strategy
+
+    configs = []
+    datasets = grid.datasets or (layers.get("dataset", "mnist-small"),)
+    for dataset in datasets:
+        for strategy in grid.strategies:
+            get_strategy(strategy)
+            worker_counts = (1,) if get_strategy(strategy).single_worker else grid.workers
+            for workers in worker_counts:
+                for seed in range(grid.seeds):
+                    values = dict(layers)
+                    values.update(
+                        strategy=strategy,
+                        dataset=dataset,
+                        workers=workers,
+                        seed=seed,
+                        out=str(folder / "runs"),
+                        run_name=f"{strategy}-{dataset}-w{workers}-s{seed}",
+                    )
+                    configs.append(config_from_dict(values))
+    return configs
+
+
+def _cell_state(config: RunConfig) -> str:
+    run_dir = Path(config.out) / config.run_id
+    summary = run_dir / "summary.json"
+    if summary.exists():
+        try:
+            status = json.loads(summary.read_text()).get("status")
+        except (OSError, json.JSONDecodeError):
+            status = None
+        if status in ("finished", "diverged"):
+            return "done"
+    if (run_dir / "checkpoint.pt").exists() or (run_dir / "metrics.csv").exists():
+        return "partial"
+    return "new"
+
+
+def compare(
+    layers: dict[str, Any],
+    grid: GridSpec,
+    *,
+    out: str | Path | None = None,
+    plots: bool = True,
+    command: str = "pnnctl.compare(...)",
+    progress_factory: Callable[[str], Any] | None = None,
+    on_cell: Callable[[int, int, RunConfig, str], None] | None = None,
+) -> CompareOutcome:
+    """Run (or resume) a grid and write summary.csv, report.md and figures into ``<out>/<name>/``."""
+    from pnnctl.launch import run_training
+
+    folder = Path(out or layers.get("out", "results")) / grid.name
+    configs = cell_configs(layers, grid, folder)
+    failures: list[dict[str, Any]] = []
+    with grid_lock(folder):
+        atomic_write_text(folder / "grid.toml", _grid_toml(layers, grid))
+        for index, config in enumerate(configs):
+            state = _cell_state(config)
+            if on_cell is not None:
+                on_cell(index, len(configs), config, state)
+            if state == "done":
+                continue
+            progress = progress_factory(f"[{index + 1}/{len(configs)}] ") if progress_factory else None
+            try:
+                result = run_training(config, resume=state == "partial", progress=progress)
+            except KeyboardInterrupt:
+                raise
+            except Exception as exc:  # one failing cell must not stop the grid
+                failures.append({"run_id": config.run_id, "error": f"{type(exc).__name__}: {exc}"})
+                continue
+            if result is not None and result.status == "interrupted":
+                raise KeyboardInterrupt
+        atomic_write_text(folder / "failures.json", json.dumps(failures, indent=2) + "\n")
+        target = layers.get("target_acc") or None
+        metrics, runs, cells = _tables(folder, target)
+        if plots:
+            report_folder(folder, target_acc=target, command=command, failures=failures)
+    return CompareOutcome(folder, metrics, runs, cells, failures)
+
+
+def _tables(folder: Path, target_acc: float | None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    from pnnctl.report import write_summary_csv
+    from pnnctl.stats import cell_summary, load_metrics, run_summaries
+
+    metrics = load_metrics(folder)
+    runs = run_summaries(metrics, target_acc)
+    cells = cell_summary(runs)
+    write_summary_csv(folder, cells)
+    return metrics, runs, cells
+
+
+def report_folder(
+    folder: Path,
+    *,
+    network: NetworkModel | None = None,
+    target_acc: float | None = None,
+    command: str = "",
+    failures: list[dict[str, Any]] | None = None,
+) -> list[Path]:
+    """Figures and report.md for a run or compare folder, from its tables alone."""
+    from pnnctl.plots import plot_folder
+    from pnnctl.report import write_report
+    from pnnctl.stats import cell_summary, fastest_to_target, load_metrics, run_summaries
+
+    folder = Path(folder)
+    metrics = load_metrics(folder)
+    if target_acc is None:
+        target_acc = _target_from_folder(folder)
+    runs = run_summaries(metrics, target_acc)
+    cells = cell_summary(runs)
+    figures = plot_folder(folder, network=network)
+    fastest = fastest_to_target(metrics, target_acc, list(NETWORK_PRESETS.values())) if target_acc else None
+    env = _environment(folder)
+    if failures:
+        env["failed cells"] = "; ".join(f"{f['run_id']} ({f['error']})" for f in failures)
+    report = write_report(
+        folder,
+        command=command,
+        env=env,
+        cells=cells,
+        figures=figures,
+        target_acc=target_acc,
+        fastest=fastest,
+        published=_published_numbers(set(metrics["strategy"])),
+    )
+    return [*figures, report]
+
+
+def _target_from_folder(folder: Path) -> float | None:
+    for config_file in [folder / "config.toml", *sorted(folder.glob("runs/*/config.toml"))[:1]]:
+        if config_file.exists():
+            value = load_toml(config_file).get("target_acc", 0.0)
+            return float(value) or None
+    return None
+
+
+def _environment(folder: Path) -> dict[str, Any]:
+    candidates = [folder / "env.json", *sorted(folder.glob("runs/*/env.json"))[:1]]
+    for path in candidates:
+        if path.exists():
+            env = json.loads(path.read_text())
+            env.pop("shards", None)
+            env["report written"] = time.strftime("%Y-%m-%d %H:%M:%S")
+            return env
+    return {}
+
+
+def _published_numbers(strategies: set[str]) -> dict[str, str]:
+    """What each strategy's paper reports (shared/papers.md), to print beside our numbers."""
+    from strategies import STRATEGIES
+
+    out = {}
+    for name in sorted(strategies):
+        cls = STRATEGIES.get(name)
+        text = getattr(cls, "published", "") if cls else ""
+        if text:
+            out[name] = text
+    return out
+
+
+def _grid_toml(layers: dict[str, Any], grid: GridSpec) -> str:
+    values = {k: v for k, v in layers.items() if k not in ("options",) and not isinstance(v, dict)}
+    values["compare"] = {
+        "strategies": list(grid.strategies),
+        "workers": list(grid.workers),
+        "seeds": grid.seeds,
+        "datasets": list(grid.datasets),
+        "name": grid.name,
+    }
+    for strategy, table in layers.get("options", {}).items():
+        values[strategy] = table
+    return to_toml(values)
+
+
+def compare_from_cli(
+    config_file: Path | None,
+    flags: dict[str, Any],
+    assignments: list[str],
+    grid_flags: dict[str, Any],
+    *,
+    plots: bool,
+    argv: list[str],
+    progress_factory: Callable[[str], Any],
+    console: Any,
+) -> CompareOutcome:
+    file_values = load_toml(config_file) if config_file else {}
+    grid_values = dict(file_values.pop("compare", {}) or {})
+    grid_values.update(grid_flags)
+    grid = GridSpec.build(grid_values)
+    layers = resolve_layers(file_values, flags, assignments, str(config_file))
+
+    def announce(index: int, total: int, config: RunConfig, state: str) -> None:
+        if state == "done":
+            console.print(f"[{index + 1}/{total}] {config.run_id}: already finished, skipped", highlight=False)
+
+    return compare(
+        layers,
+        grid,
+        plots=plots,
+        command=" ".join(["pnnctl", *argv[1:]]),
+        progress_factory=progress_factory,
+        on_cell=announce,
+    )

@@ -1,0 +1,80 @@
+"""Writes that a kill cannot tear: write a temporary file beside the target, fsync, rename."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import os
+import tempfile
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import IO, Any
+
+from pnnctl.errors import UsageError
+
+
+@contextlib.contextmanager
+def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
+    """Open a temporary file next to ``path``; on success it replaces ``path`` in one rename."""
+    path = Path(path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as exc:
+        raise UsageError("out", f"cannot write in {path.parent}: {exc.strerror or exc}") from None
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, mode) as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_open(path, "w") as handle:
+        handle.write(text)
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_open(path, "wb") as handle:
+        handle.write(data)
+
+
+def append_csv_row(path: Path, columns: Sequence[str], row: Mapping[str, Any]) -> None:
+    """Append one whole row (header first if the file is new) with a single write and fsync.
+
+    One ``write`` of a short line on a local file is not torn by SIGKILL in practice; a line that
+    was torn by a power cut is detected and dropped by :func:`read_csv_rows`.
+    """
+    path = Path(path)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(columns), extrasaction="raise", lineterminator="\n")
+    new_file = not path.exists() or path.stat().st_size == 0
+    if new_file:
+        writer.writeheader()
+    writer.writerow({key: row.get(key, "") for key in columns})
+    try:
+        with open(path, "a", encoding="utf-8") as handle:
+            handle.write(buffer.getvalue())
+            handle.flush()
+            os.fsync(handle.fileno())
+    except OSError as exc:
+        raise UsageError("out", f"cannot append to {path}: {exc.strerror or exc}") from None
+
+
+def repair_csv_tail(path: Path) -> bool:
+    """Drop a torn last line (no trailing newline) left by an older crash. Returns True if it did."""
+    path = Path(path)
+    if not path.exists():
+        return False
+    data = path.read_bytes()
+    if not data or data.endswith(b"\n"):
+        return False
+    keep = data[: data.rfind(b"\n") + 1]
+    atomic_write_bytes(path, keep)
+    return True

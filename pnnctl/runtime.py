@@ -1,0 +1,64 @@
+"""Where this process runs: the one module that asks the environment.
+
+torchrun sets ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``; when they are present this process is one
+rank of a distributed run (nanoGPT's ``ddp = int(os.environ.get('RANK', -1)) != -1``). Nothing else
+in pnnctl reads these variables or picks a device.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from pnnctl.errors import UsageError
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 or "RANK" in os.environ
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def detect_runtime() -> Runtime:
+    if "RANK" not in os.environ:
+        return Runtime(rank=0, world_size=1, local_rank=0)
+    return Runtime(
+        rank=int(os.environ["RANK"]),
+        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+    )
+
+
+def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
+    """``auto`` picks CUDA when present (one GPU per local rank), else the CPU."""
+    if requested == "cpu":
+        return torch.device("cpu")
+    cuda = torch.cuda.is_available()
+    if requested == "auto":
+        return torch.device("cuda", local_rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
+    if not cuda:
+        raise UsageError("device", f"{requested} was asked for but no CUDA device is available; use cpu or auto")
+    index = int(requested.split(":")[1]) if ":" in requested else local_rank % torch.cuda.device_count()
+    if index >= torch.cuda.device_count():
+        raise UsageError("device", f"{requested}: only {torch.cuda.device_count()} CUDA devices are present")
+    return torch.device("cuda", index)
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process: allocated CUDA memory on a GPU, resident set size on the CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    import resource
+
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024

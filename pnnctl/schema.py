@@ -1,0 +1,42 @@
+"""Column names of the tables pnnctl writes. Plots and reports read only these tables."""
+
+from __future__ import annotations
+
+#: One row per evaluation in ``<run>/metrics.csv``. Byte and message columns are cumulative
+#: since the start of the run; ``*_max_worker`` is the busiest logical worker.
+METRIC_COLUMNS: tuple[str, ...] = (
+    "run_id",
+    "strategy",
+    "dataset",
+    "model",
+    "seed",
+    "workers",
+    "world_size",
+    "backend",
+    "round",
+    "epoch",
+    "samples_seen",
+    "phase",  # strategy phase: "train" for most; SIL uses apart / joined / recovery
+    "wall_s",  # wall-clock seconds since the run started (excluding evaluation)
+    "compute_s",  # seconds spent in strategy rounds (training compute + simulated collectives)
+    "train_loss",  # mean training loss over the rounds since the previous row
+    "test_loss",
+    "test_acc",  # fraction in [0, 1]
+    "bytes_sent_total",  # all logical workers together
+    "bytes_recv_total",
+    "bytes_sent_max_worker",
+    "bytes_recv_max_worker",
+    "messages_total",
+    "messages_max_worker",
+    "params_max_worker",  # parameters held by the largest worker
+    "memory_max_worker_bytes",  # analytic: params + grads + optimizer state + activations
+    "comm_s",  # projected communication seconds under the run's network model
+    "projected_s",  # compute_s + comm_s
+    "network",  # the network preset (or "custom:<latency>,<bandwidth>") behind comm_s
+    "peak_rss_bytes",  # measured on this process (rank 0 in distributed runs)
+    "status",  # running | finished | diverged | interrupted
+    "extras",  # JSON object of strategy-specific figures (consensus_error, ...)
+)
+
+#: Statuses a run can end in.
+FINAL_STATUSES: tuple[str, ...] = ("finished", "diverged", "interrupted", "failed")

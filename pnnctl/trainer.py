@@ -1,0 +1,451 @@
+"""The one training loop every strategy runs under.
+
+::
+
+    pnnctl train --strategy allreduce --workers 4                 # simulated, one process
+    pnnctl train --strategy allreduce --workers 4 --nproc 2       # two gloo processes on loopback
+    torchrun --nproc-per-node 2 -m pnnctl train --strategy allreduce --workers 4
+
+The loop knows nothing about which strategy runs: ``run_round`` -> ledger -> evaluate when due ->
+append a metrics row -> checkpoint. It owns the clock, seeds, checkpoints, the divergence guard and
+the run folder; rank 0 alone writes results.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import math
+import os
+import platform
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from pnnctl import __version__
+from pnnctl.config import RunConfig, config_to_dict, parse_budget, to_toml
+from pnnctl.data import Dataset, load_dataset, shard_indices, shard_stats
+from pnnctl.errors import UsageError
+from pnnctl.io import append_csv_row, atomic_write_bytes, atomic_write_text, repair_csv_tail
+from pnnctl.network import parse_network
+from pnnctl.runtime import Runtime, detect_runtime, peak_memory_bytes, resolve_device
+from pnnctl.schema import METRIC_COLUMNS
+from pnnctl.training import evaluate, model_is_finite
+from pnnctl.workers import Comm, Ledger, WorkerGroup
+from strategies import get_strategy
+from strategies.base import StrategyContext
+
+CHECKPOINT_FORMAT = 1
+
+#: Config fields that may change between a run and its resumption without changing its results.
+RESUMABLE_CHANGES = frozenset({"out", "device", "timeout_s", "epochs", "budget", "target_acc", "checkpoint_every"})
+
+
+class Progress(Protocol):
+    """Where the trainer reports progress; the CLI supplies a rich one. The trainer never prints."""
+
+    def start(self, run_id: str, total_epochs: float, epoch: float) -> None: ...
+
+    def update(self, epoch: float, loss: float, acc: float | None) -> None: ...
+
+    def finish(self, status: str) -> None: ...
+
+
+class NullProgress:
+    def start(self, run_id: str, total_epochs: float, epoch: float) -> None:
+        return None
+
+    def update(self, epoch: float, loss: float, acc: float | None) -> None:
+        return None
+
+    def finish(self, status: str) -> None:
+        return None
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    status: str
+    rows: list[dict[str, Any]]
+    summary: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+
+@dataclass
+class LoopState:
+    """The trainer's own counters; checkpointed with the strategy's state."""
+
+    round: int = 0
+    samples: int = 0
+    compute_s: float = 0.0
+    wall_s: float = 0.0
+    next_eval_epoch: float = 0.0
+    loss_sum: float = 0.0
+    loss_rounds: int = 0
+    phase: str = "train"
+    extras: dict[str, float] = field(default_factory=dict)
+
+
+class StopRequest:
+    """SIGINT/SIGTERM set a flag; the loop finishes the current round, checkpoints and stops."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopRequest:
+        try:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handle)
+        except ValueError:  # not the main thread (e.g. a notebook worker): no handlers
+            self._previous.clear()
+        return self
+
+    def _handle(self, signum: int, _frame: Any) -> None:
+        if self.signal is not None:  # a second signal: stop now
+            raise KeyboardInterrupt
+        self.signal = signum
+
+    def __exit__(self, *_exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def git_sha() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return ""
+    return out.stdout.strip() if out.returncode == 0 else ""
+
+
+def environment(config: RunConfig, runtime: Runtime, device: torch.device, backend: str) -> dict[str, Any]:
+    import numpy
+
+    return {
+        "pnnctl": __version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": numpy.__version__,
+        "platform": platform.platform(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "device": str(device),
+        "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else "",
+        "seed": config.seed,
+        "git_sha": git_sha(),
+        "world_size": runtime.world_size,
+        "backend": backend,
+        "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    }
+
+
+def checkpoint_path(run_dir: Path, rank: int) -> Path:
+    return run_dir / ("checkpoint.pt" if rank == 0 else f"checkpoint.rank{rank}.pt")
+
+
+def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    """Tensors and plain data only (``weights_only=True``): a checkpoint cannot run code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises several types for a damaged or foreign file
+        raise UsageError("resume", f"{path} is not a readable pnnctl checkpoint ({type(exc).__name__})") from None
+
+
+def check_resumable(saved: dict[str, Any], config: RunConfig, path: Path) -> None:
+    if saved.get("format") != CHECKPOINT_FORMAT:
+        msg = f"{path} has checkpoint format {saved.get('format')!r}; this pnnctl reads {CHECKPOINT_FORMAT}"
+        raise UsageError("resume", msg)
+    now = config_to_dict(config)
+    before = saved.get("config", {})
+    for key in sorted(set(now) | set(before)):
+        if key in RESUMABLE_CHANGES:
+            continue
+        if now.get(key) != before.get(key):
+            raise UsageError(
+                "resume",
+                f"{path} was written with {key}={before.get(key)!r}, not {now.get(key)!r}; resume with the same config",
+            )
+
+
+def _budget_reached(config: RunConfig, state: LoopState, ledger: Ledger, n_train: int) -> bool:
+    if state.samples / n_train >= config.epochs - 1e-9:
+        return True
+    budget = parse_budget(config.budget)
+    if budget is None:
+        return False
+    kind, amount = budget
+    if kind == "samples":
+        return state.samples >= amount
+    if kind == "bytes":
+        return float(ledger.sent[: ledger.n_workers].max()) >= amount
+    return state.compute_s >= amount
+
+
+def run_summary(rows: list[dict[str, Any]], config: RunConfig) -> dict[str, Any]:
+    """Final and best figures and the first crossing of the target accuracy."""
+    last = rows[-1]
+    evaluated = [r for r in rows if not math.isnan(float(r["test_acc"]))]
+    best = max(evaluated, key=lambda r: float(r["test_acc"])) if evaluated else last
+    summary: dict[str, Any] = {
+        "run_id": last["run_id"],
+        "strategy": config.strategy,
+        "status": last["status"],
+        "final": {k: last[k] for k in METRIC_COLUMNS if k not in ("extras",)},
+        "best_test_acc": float(best["test_acc"]),
+        "best_epoch": float(best["epoch"]),
+        "target_acc": config.target_acc or None,
+        "to_target": None,
+    }
+    if config.target_acc:
+        hit = next((r for r in evaluated if float(r["test_acc"]) >= config.target_acc), None)
+        if hit is not None:
+            summary["to_target"] = {
+                key: hit[key]
+                for key in ("round", "epoch", "samples_seen", "wall_s", "compute_s", "projected_s",
+                            "bytes_sent_max_worker", "messages_max_worker")
+            }
+    return summary
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    import csv
+
+    if not path.exists():
+        return []
+    with open(path, encoding="utf-8", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _rewrite_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    import csv
+
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(METRIC_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    for row in rows:
+        writer.writerow({k: row.get(k, "") for k in METRIC_COLUMNS})
+    atomic_write_text(path, buffer.getvalue())
+
+
+def prepare_data(config: RunConfig, device: torch.device) -> tuple[Dataset, torch.Tensor, torch.Tensor]:
+    from pnnctl.data import SyntheticSpec
+
+    data = load_dataset(
+        config.dataset,
+        data_dir=config.data_dir or None,
+        download=config.download,
+        seed=config.seed,
+        synthetic=SyntheticSpec(**vars(config.synthetic)),
+    )
+    return data, data.x_train.to(device), data.y_train.to(device)
+
+
+def train(
+    config: RunConfig,
+    *,
+    resume: bool = False,
+    progress: Progress | None = None,
+    comm: Comm | None = None,
+    runtime: Runtime | None = None,
+) -> RunResult:
+    """Run (or resume) one training run into ``<out>/<run_id>/`` and return its rows and summary."""
+    progress = progress or NullProgress()
+    runtime = runtime or detect_runtime()
+    device = resolve_device(config.device, runtime.local_rank)
+    if config.precision == "tf32" and device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    strategy_cls = get_strategy(config.strategy)
+    options = config.strategy_options()
+    n_workers = config.effective_workers
+    if comm is not None and n_workers < comm.world_size:
+        msg = f"{n_workers} workers cannot fill {comm.world_size} processes; use --workers >= --nproc"
+        raise UsageError("workers", msg)
+
+    run_dir = Path(config.out) / config.run_id
+    metrics_path = run_dir / "metrics.csv"
+    main = runtime.is_main
+    if main and metrics_path.exists() and not resume:
+        raise UsageError(
+            "run_name", f"{run_dir} already holds a run; pass --resume to continue it, or choose --run-name or --out"
+        )
+
+    data, x_train, y_train = prepare_data(config, device)
+    shards = shard_indices(data.y_train, n_workers, config.sharding, config.seed)
+    network = parse_network(config.network)
+    ledger = Ledger(n_workers, network)
+    group = WorkerGroup(n_workers, ledger, comm)
+    ctx = StrategyContext(config, data, group, device, shards, x_train, y_train)
+    strategy = strategy_cls(ctx, options)
+    x_test, y_test = data.x_test.to(device), data.y_test.to(device)
+    backend = "simulated" if comm is None else getattr(comm, "backend", "distributed")
+
+    state = LoopState()
+    rows: list[dict[str, Any]] = []
+    notes: list[str] = []
+    ckpt = checkpoint_path(run_dir, runtime.rank)
+    if resume and ckpt.exists():
+        saved = load_checkpoint(ckpt)
+        check_resumable(saved, config, ckpt)
+        strategy.load_state_dict(saved["strategy"])
+        ledger.load_state_dict(saved["ledger"])
+        state = LoopState(**saved["loop"])
+        torch.set_rng_state(saved["torch_rng"])
+        if main:
+            if repair_csv_tail(metrics_path):
+                notes.append(f"dropped a torn last line of {metrics_path} left by an earlier crash")
+            rows = [r for r in _read_rows(metrics_path) if int(r["round"]) <= state.round]
+            _rewrite_rows(metrics_path, rows)
+        if saved.get("finished") and state.samples / len(y_train) >= config.epochs - 1e-9:
+            summary = json.loads((run_dir / "summary.json").read_text()) if main else {}
+            return RunResult(run_dir, summary.get("status", "finished"), rows, summary, notes)
+    elif main:
+        try:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise UsageError("out", f"cannot create {run_dir}: {exc.strerror or exc}") from None
+        atomic_write_text(run_dir / "config.toml", to_toml(config_to_dict(config)))
+        env = environment(config, runtime, device, backend)
+        env["shards"] = shard_stats(data.y_train, shards, data.n_classes)
+        atomic_write_text(run_dir / "env.json", json.dumps(env, indent=2) + "\n")
+
+    footprint = strategy.footprint()
+    n_train = len(y_train)
+
+    def make_row(status: str) -> dict[str, Any]:
+        eval_start = time.perf_counter()
+        model = strategy.eval_model()
+        finite = model_is_finite(model)
+        test_loss, test_acc = evaluate(model, x_test, y_test) if finite else (float("nan"), float("nan"))
+        extras = {**state.extras, **strategy.eval_extras()}
+        totals = ledger.totals()
+        row = {
+            "run_id": config.run_id,
+            "strategy": config.strategy,
+            "dataset": config.dataset,
+            "model": config.model,
+            "seed": config.seed,
+            "workers": n_workers,
+            "world_size": runtime.world_size,
+            "backend": backend,
+            "round": state.round,
+            "epoch": round(state.samples / n_train, 6),
+            "samples_seen": state.samples,
+            "phase": state.phase,
+            "wall_s": round(state.wall_s, 6),
+            "compute_s": round(state.compute_s, 6),
+            "train_loss": state.loss_sum / state.loss_rounds if state.loss_rounds else float("nan"),
+            "test_loss": test_loss,
+            "test_acc": test_acc,
+            **{k: v for k, v in totals.items() if k in METRIC_COLUMNS},
+            "params_max_worker": footprint.params,
+            "memory_max_worker_bytes": footprint.memory_bytes,
+            "projected_s": round(state.compute_s + totals["comm_s"], 6),
+            "network": network.name,
+            "peak_rss_bytes": peak_memory_bytes(device),
+            "status": status if finite else "diverged",
+            "extras": json.dumps(extras, sort_keys=True),
+        }
+        state.loss_sum, state.loss_rounds = 0.0, 0
+        row["_eval_s"] = time.perf_counter() - eval_start
+        return row
+
+    def emit(row: dict[str, Any]) -> None:
+        row.pop("_eval_s", None)
+        rows.append(row)
+        if main:
+            append_csv_row(metrics_path, METRIC_COLUMNS, row)
+            summary = run_summary(rows, config)
+            atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+        progress.update(float(row["epoch"]), float(row["train_loss"]), float(row["test_acc"]))
+
+    def checkpoint(finished: bool = False) -> None:
+        save_checkpoint(
+            ckpt,
+            {
+                "format": CHECKPOINT_FORMAT,
+                "pnnctl": __version__,
+                "config": config_to_dict(config),
+                "strategy": strategy.state_dict(),
+                "ledger": ledger.state_dict(),
+                "loop": vars(state).copy(),
+                "torch_rng": torch.get_rng_state(),
+                "finished": finished,
+            },
+        )
+
+    progress.start(config.run_id, config.epochs, state.samples / n_train)
+    if state.round == 0 and not rows:
+        emit(make_row("running"))
+        state.next_eval_epoch = config.eval_every
+
+    status = "running"
+    with StopRequest() as stop:
+        while status == "running":
+            if stop.signal is not None:
+                checkpoint()
+                status = "interrupted"
+                break
+            started = time.perf_counter()
+            result = strategy.run_round()
+            state.compute_s += time.perf_counter() - started
+            ledger.end_round()
+            state.round += 1
+            state.samples += result.samples
+            state.phase = result.phase
+            state.extras = dict(result.extras)
+            if math.isfinite(result.loss):
+                state.loss_sum += result.loss
+                state.loss_rounds += 1
+            else:
+                state.wall_s += time.perf_counter() - started
+                emit(make_row("diverged"))
+                status = "diverged"
+                break
+            epoch = state.samples / n_train
+            done = _budget_reached(config, state, ledger, n_train) or strategy.is_done()
+            if done or epoch >= state.next_eval_epoch - 1e-9:
+                while state.next_eval_epoch <= epoch + 1e-9:
+                    state.next_eval_epoch += config.eval_every
+                state.wall_s += time.perf_counter() - started
+                row = make_row("finished" if done else "running")
+                started = time.perf_counter()
+                emit(row)
+                if row["status"] == "diverged":
+                    status = "diverged"
+                    break
+            if done:
+                status = "finished"
+                state.wall_s += time.perf_counter() - started
+                checkpoint(finished=True)
+                break
+            if state.round % config.checkpoint_every == 0:
+                checkpoint()
+            state.wall_s += time.perf_counter() - started
+    progress.finish(status)
+    summary = run_summary(rows, config) if rows else {}
+    if status == "interrupted":
+        summary["status"] = "interrupted"
+        summary["signal"] = signal.Signals(stop.signal).name if stop.signal else ""
+        if main:
+            atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+    return RunResult(run_dir, status, rows, summary, notes)

@@ -1,0 +1,130 @@
+"""Pieces every strategy trains with: per-worker batch streams, optimizers, the stacked loss."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import torch
+from torch import Tensor
+from torch.nn import functional as F
+
+from pnnctl.models import StackedNet
+
+_MIX_A = 1_000_003
+_MIX_B = 1_000_033
+_MASK = (1 << 62) - 1
+
+
+def stream_seed(seed: int, worker: int, salt: int = 0) -> int:
+    """A seed keyed by the run seed and the *logical* worker index, never by rank or start order."""
+    return ((seed * _MIX_A + worker) * _MIX_B + salt) & _MASK
+
+
+class ShardSampler:
+    """Endless shuffled batches from each worker's shard; the state is one position per worker.
+
+    Worker w reads its shard in passes; pass k is ordered by a permutation seeded by
+    ``(seed, w, k)`` alone, so a batch depends only on (seed, worker, position): resuming or
+    re-partitioning workers over processes gives the same batches.
+    """
+
+    def __init__(
+        self,
+        x: Tensor,
+        y: Tensor,
+        shards: list[Tensor],
+        workers: Iterable[int],
+        batch_size: int,
+        seed: int,
+    ) -> None:
+        self.x, self.y = x, y
+        self.workers = list(workers)
+        self.shards = [shards[w].to(x.device) for w in self.workers]
+        self.batch_size = batch_size
+        self.seed = seed
+        self.positions = [0] * len(self.workers)
+        self._perm_cache: dict[int, tuple[int, Tensor]] = {}
+
+    def _pass_order(self, slot: int, pass_index: int) -> Tensor:
+        cached = self._perm_cache.get(slot)
+        if cached is not None and cached[0] == pass_index:
+            return cached[1]
+        shard = self.shards[slot]
+        generator = torch.Generator().manual_seed(stream_seed(self.seed, self.workers[slot], pass_index))
+        order = shard[torch.randperm(len(shard), generator=generator).to(shard.device)]
+        self._perm_cache[slot] = (pass_index, order)
+        return order
+
+    def _indices(self, slot: int, count: int) -> Tensor:
+        length = len(self.shards[slot])
+        pieces = []
+        position = self.positions[slot]
+        while count > 0:
+            pass_index, offset = divmod(position, length)
+            take = min(count, length - offset)
+            pieces.append(self._pass_order(slot, pass_index)[offset : offset + take])
+            position += take
+            count -= take
+        self.positions[slot] = position
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def next_indices(self) -> Tensor:
+        """``[n_local, batch]`` training-set indices of the next step, advancing every worker."""
+        return torch.stack([self._indices(slot, self.batch_size) for slot in range(len(self.workers))])
+
+    def next_batch(self) -> tuple[Tensor, Tensor]:
+        """``x [n_local, B, ...]`` and ``y [n_local, B]`` for the next step."""
+        index = self.next_indices()
+        return self.x[index], self.y[index]
+
+    def state_dict(self) -> dict:
+        return {"positions": list(self.positions)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.positions = [int(p) for p in state["positions"]]
+        self._perm_cache.clear()
+
+
+def make_optimizer(
+    name: str, params: Iterable[Tensor], lr: float, momentum: float = 0.0, weight_decay: float = 0.0
+) -> torch.optim.Optimizer:
+    """SGD, Adam or AdamW. All are elementwise, so on stacked parameters each worker's slice
+    evolves exactly as with its own optimizer."""
+    params = list(params)
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+    if name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+    raise ValueError(f"unknown optimizer {name!r}")
+
+
+def stacked_cross_entropy(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    """Sum over workers of each worker's mean cross-entropy, and the per-worker means.
+
+    Backpropagating the sum gives each worker's slice the gradient of its own mean loss.
+    """
+    n, b = y.shape
+    per_sample = F.cross_entropy(logits.reshape(n * b, -1), y.reshape(-1), reduction="none")
+    per_worker = per_sample.reshape(n, b).mean(dim=1)
+    return per_worker.sum(), per_worker.detach()
+
+
+def model_is_finite(model: StackedNet) -> bool:
+    return all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+@torch.no_grad()
+def evaluate(model: StackedNet, x: Tensor, y: Tensor, chunk: int = 1000) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of worker 0 of ``model`` on (x, y)."""
+    was_training = model.training
+    model.eval()
+    total_loss, correct = 0.0, 0
+    for start in range(0, len(x), chunk):
+        xb, yb = x[start : start + chunk].unsqueeze(0), y[start : start + chunk]
+        logits = model(xb)[0].float()
+        total_loss += float(F.cross_entropy(logits, yb, reduction="sum"))
+        correct += int((logits.argmax(dim=1) == yb).sum())
+    model.train(was_training)
+    return total_loss / len(x), correct / len(x)

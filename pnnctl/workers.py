@@ -1,0 +1,285 @@
+"""The worker group: N logical workers stacked along dim 0, their collectives, and the byte ledger.
+
+Every strategy is written once against :class:`WorkerGroup`. A tensor that "belongs to the workers"
+is shaped ``[n_local, ...]``: one slice per logical worker held by this process (all N in a
+simulated run, a contiguous block of them on each rank of a torch.distributed run). Collectives take
+and return such tensors; only the traffic between blocks crosses processes (see
+:mod:`pnnctl.distributed`).
+
+The ledger counts what each logical worker would send and receive, and how many messages, if every
+worker were its own machine, with the cost formula of each collective (S = bytes of one worker's
+payload, N = workers):
+
+=====================  ==================================  ===============================  ========
+collective             bytes sent per worker                bytes received per worker        messages
+=====================  ==================================  ===============================  ========
+all_reduce (ring)      2(N-1)/N * S                         2(N-1)/N * S                     2(N-1)
+broadcast (master)     0; master sends N*S                  S                                N (master)
+scatter (master)       0; master sends sum_i S_i            S_i                              N (master)
+gather (to master)     S_i; master receives sum_i S_i       0                                1 each
+mix over a graph A     out_degree_j * S                     in_degree_i * S                  degree
+=====================  ==================================  ===============================  ========
+
+A master (parameter server) is a node of its own, slot N of the ledger, and never one of the workers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from pnnctl.network import NetworkModel
+
+
+def ring_all_reduce_bytes(n_workers: int, size_bytes: float) -> tuple[float, int]:
+    """Bytes each worker sends (and receives) and its messages in a ring all-reduce.
+
+    Reduce-scatter then all-gather: N-1 steps each, every step moves one 1/N chunk.
+    """
+    if n_workers <= 1:
+        return 0.0, 0
+    return 2 * (n_workers - 1) / n_workers * size_bytes, 2 * (n_workers - 1)
+
+
+def tensor_bytes(t: Tensor, workers_dim: bool = True) -> int:
+    """Bytes of one worker's slice of ``t`` (or the whole tensor when it has no worker dim)."""
+    numel = t[0].numel() if workers_dim else t.numel()
+    return numel * t.element_size()
+
+
+@dataclass
+class RoundTraffic:
+    """What one round cost: its projected communication seconds and the busiest worker's bytes."""
+
+    comm_s: float
+    max_sent: float
+    max_recv: float
+
+
+class Ledger:
+    """Cumulative and per-round bytes and messages of every logical worker (and the master, slot N)."""
+
+    def __init__(self, n_workers: int, network: NetworkModel) -> None:
+        self.n_workers = n_workers
+        self.network = network
+        nodes = n_workers + 1
+        self.sent = np.zeros(nodes)
+        self.recv = np.zeros(nodes)
+        self.messages = np.zeros(nodes)
+        self._round_sent = np.zeros(nodes)
+        self._round_recv = np.zeros(nodes)
+        self._round_messages = np.zeros(nodes)
+        self.comm_s = 0.0
+        self.by_op: dict[str, float] = {}
+
+    def record(self, op: str, sent: np.ndarray, recv: np.ndarray, messages: np.ndarray) -> None:
+        """Add one collective's traffic; arrays are indexed by node (workers 0..N-1, master N)."""
+        self._round_sent += sent
+        self._round_recv += recv
+        self._round_messages += messages
+        self.by_op[op] = self.by_op.get(op, 0.0) + float(sent.sum())
+
+    def zeros(self) -> np.ndarray:
+        return np.zeros(self.n_workers + 1)
+
+    def end_round(self) -> RoundTraffic:
+        """Close the round: add it to the totals and project its time on the busiest node."""
+        per_node = self._round_messages * self.network.latency_s + (
+            np.maximum(self._round_sent, self._round_recv) / self.network.bandwidth_bytes_per_s
+        )
+        traffic = RoundTraffic(float(per_node.max()), float(self._round_sent.max()), float(self._round_recv.max()))
+        self.comm_s += traffic.comm_s
+        self.sent += self._round_sent
+        self.recv += self._round_recv
+        self.messages += self._round_messages
+        for buf in (self._round_sent, self._round_recv, self._round_messages):
+            buf.fill(0.0)
+        return traffic
+
+    def totals(self) -> dict[str, float]:
+        workers = slice(0, self.n_workers)
+        return {
+            "bytes_sent_total": float(self.sent.sum()),
+            "bytes_recv_total": float(self.recv.sum()),
+            "bytes_sent_max_worker": float(self.sent[workers].max()),
+            "bytes_recv_max_worker": float(self.recv[workers].max()),
+            "bytes_sent_master": float(self.sent[self.n_workers]),
+            "bytes_recv_master": float(self.recv[self.n_workers]),
+            "messages_total": float(self.messages.sum()),
+            "messages_max_worker": float(self.messages[workers].max()),
+            "comm_s": self.comm_s,
+        }
+
+    def state_dict(self) -> dict:
+        return {
+            "sent": torch.from_numpy(self.sent.copy()),
+            "recv": torch.from_numpy(self.recv.copy()),
+            "messages": torch.from_numpy(self.messages.copy()),
+            "comm_s": self.comm_s,
+            "by_op": dict(self.by_op),
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        self.sent = state["sent"].numpy().copy()
+        self.recv = state["recv"].numpy().copy()
+        self.messages = state["messages"].numpy().copy()
+        self.comm_s = float(state["comm_s"])
+        self.by_op = dict(state["by_op"])
+
+
+class Comm(Protocol):
+    """What the group needs from the process layer. :class:`LocalComm` is the one-process case."""
+
+    rank: int
+    world_size: int
+    wire_bytes_sent: float  # bytes this rank handed to the transport (see pnnctl.distributed)
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor: ...
+
+    def all_gather_blocks(self, t: Tensor, block_sizes: list[int]) -> Tensor: ...
+
+    def barrier(self) -> None: ...
+
+
+class LocalComm:
+    """A single process holding every worker: nothing crosses a process boundary."""
+
+    rank = 0
+    world_size = 1
+    wire_bytes_sent = 0.0
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        return t
+
+    def all_gather_blocks(self, t: Tensor, block_sizes: list[int]) -> Tensor:
+        return t
+
+    def barrier(self) -> None:
+        return None
+
+
+def block_sizes(n_workers: int, world_size: int) -> list[int]:
+    """Contiguous blocks of logical workers per rank; sizes differ by at most one (first ranks larger)."""
+    base, extra = divmod(n_workers, world_size)
+    return [base + (1 if r < extra else 0) for r in range(world_size)]
+
+
+class WorkerGroup:
+    """N logical workers, of which this process holds ``local_workers``; collectives and ledger."""
+
+    def __init__(self, n_workers: int, ledger: Ledger, comm: Comm | None = None) -> None:
+        self.n_workers = n_workers
+        self.comm: Comm = comm or LocalComm()
+        self.ledger = ledger
+        self.blocks = block_sizes(n_workers, self.comm.world_size)
+        start = sum(self.blocks[: self.comm.rank])
+        self.local_workers = range(start, start + self.blocks[self.comm.rank])
+
+    @property
+    def n_local(self) -> int:
+        return len(self.local_workers)
+
+    @property
+    def is_master_process(self) -> bool:
+        return self.comm.rank == 0
+
+    # -- collectives --------------------------------------------------------------------------
+
+    def all_reduce(self, t: Tensor, op: str = "mean", tag: str = "all_reduce") -> Tensor:
+        """Sum or mean over all N workers; every worker gets the result. ``t`` is ``[n_local, ...]``."""
+        n = self.n_workers
+        per_worker, messages = ring_all_reduce_bytes(n, tensor_bytes(t))
+        sent = self.ledger.zeros()
+        sent[:n] = per_worker
+        msgs = self.ledger.zeros()
+        msgs[:n] = messages
+        self.ledger.record(tag, sent, sent.copy(), msgs)
+        total = self.comm.all_reduce_sum(t.sum(dim=0))
+        if op == "mean":
+            total = total / n
+        elif op != "sum":
+            raise ValueError(f"all_reduce op must be 'sum' or 'mean', not {op!r}")
+        return total.unsqueeze(0).expand(self.n_local, *total.shape)
+
+    def all_reduce_flat(self, tensors: list[Tensor], op: str = "mean", tag: str = "all_reduce") -> list[Tensor]:
+        """All-reduce several ``[n_local, ...]`` tensors as one flat buffer (one collective, like a DDP bucket)."""
+        flat = torch.cat([t.reshape(self.n_local, -1) for t in tensors], dim=1)
+        reduced = self.all_reduce(flat, op=op, tag=tag)[0]
+        out, offset = [], 0
+        for t in tensors:
+            size = t[0].numel()
+            out.append(reduced[offset : offset + size].reshape(t.shape[1:]))
+            offset += size
+        return out
+
+    def broadcast(self, master_value: Tensor, tag: str = "broadcast") -> Tensor:
+        """The master sends the same ``master_value`` to every worker; returns ``[n_local, ...]``.
+
+        The master's state is identical on every rank (it is computed from all-gathered inputs),
+        so no bytes cross processes here; the ledger still counts the logical messages.
+        """
+        size = master_value.numel() * master_value.element_size()
+        sent, recv, msgs = self.ledger.zeros(), self.ledger.zeros(), self.ledger.zeros()
+        sent[self.n_workers] = size * self.n_workers
+        msgs[self.n_workers] = self.n_workers
+        recv[: self.n_workers] = size
+        self.ledger.record(tag, sent, recv, msgs)
+        return master_value.unsqueeze(0).expand(self.n_local, *master_value.shape)
+
+    def scatter(self, pieces: Tensor, tag: str = "scatter", sizes: np.ndarray | None = None) -> Tensor:
+        """The master sends worker i its piece ``pieces[i]`` (``[N, ...]``); returns this rank's block.
+
+        ``sizes`` overrides the bytes per worker when pieces are padded to a common shape.
+        """
+        sizes = np.full(self.n_workers, float(tensor_bytes(pieces))) if sizes is None else sizes
+        sent, recv, msgs = self.ledger.zeros(), self.ledger.zeros(), self.ledger.zeros()
+        sent[self.n_workers] = sizes.sum()
+        msgs[self.n_workers] = self.n_workers
+        recv[: self.n_workers] = sizes
+        self.ledger.record(tag, sent, recv, msgs)
+        return pieces[self.local_workers.start : self.local_workers.stop]
+
+    def gather(self, t: Tensor, tag: str = "gather", sizes: np.ndarray | None = None) -> Tensor:
+        """Every worker sends its slice to the master; returns all N slices ``[N, ...]`` (on every rank)."""
+        sizes = np.full(self.n_workers, float(tensor_bytes(t))) if sizes is None else sizes
+        sent, recv, msgs = self.ledger.zeros(), self.ledger.zeros(), self.ledger.zeros()
+        sent[: self.n_workers] = sizes
+        msgs[: self.n_workers] = 1
+        recv[self.n_workers] = sizes.sum()
+        self.ledger.record(tag, sent, recv, msgs)
+        return self.comm.all_gather_blocks(t, self.blocks)
+
+    def all_gather(self, t: Tensor) -> Tensor:
+        """All N slices on every rank, without ledger traffic: for evaluation and metrics only."""
+        return self.comm.all_gather_blocks(t, self.blocks)
+
+    def mix(self, t: Tensor, weights: Tensor, tag: str = "mix", new_messages: bool = True) -> Tensor:
+        """Neighbour averaging: worker i gets ``sum_j weights[i, j] * t[j]`` (``weights`` is ``[N, N]``).
+
+        Worker j sends its slice to every i != j with ``weights[i, j] != 0``. With ``new_messages``
+        False the bytes ride in the messages of an earlier mix of the same round (NEXT sends its
+        weights and its tracker together), so only bytes are added.
+        """
+        n = self.n_workers
+        edges = (weights != 0).clone()
+        edges.fill_diagonal_(False)
+        size = tensor_bytes(t)
+        out_degree = edges.sum(dim=0).double().cpu().numpy()  # column j: who receives from j
+        in_degree = edges.sum(dim=1).double().cpu().numpy()
+        sent, recv, msgs = self.ledger.zeros(), self.ledger.zeros(), self.ledger.zeros()
+        sent[:n] = out_degree * size
+        recv[:n] = in_degree * size
+        if new_messages:
+            msgs[:n] = out_degree
+        self.ledger.record(tag, sent, recv, msgs)
+        everyone = self.comm.all_gather_blocks(t, self.blocks)
+        local_rows = weights[self.local_workers.start : self.local_workers.stop].to(everyone.dtype)
+        return torch.einsum("ij,j...->i...", local_rows, everyone)
+
+    def record_p2p(self, op: str, sent: np.ndarray, recv: np.ndarray, messages: np.ndarray) -> None:
+        """Traffic of an irregular exchange a strategy computes itself (arrays over nodes, master last)."""
+        self.ledger.record(op, sent, recv, messages)

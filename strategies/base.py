@@ -1,0 +1,97 @@
+"""The narrow contract every strategy implements, and what the trainer hands it.
+
+A strategy sets up its partitioned state in ``__init__``, trains one round in :meth:`run_round`,
+assembles a model for evaluation in :meth:`eval_model`, and saves and loads its state. It never
+prints, parses arguments or writes files: the trainer owns the loop, the clock, checkpoints and
+metrics (the shape torchtitan and Flower share: one loop, strategies as plug-ins).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from pnnctl.models import StackedNet
+
+if TYPE_CHECKING:
+    from pnnctl.config import RunConfig
+    from pnnctl.data import Dataset
+    from pnnctl.workers import WorkerGroup
+
+
+@dataclass(frozen=True, kw_only=True)
+class NoOptions:
+    """This strategy takes no options."""
+
+
+@dataclass
+class StrategyContext:
+    """What the trainer gives a strategy: config, data, worker group, device and data shards."""
+
+    config: RunConfig
+    data: Dataset
+    group: WorkerGroup
+    device: torch.device
+    shards: list[Tensor]  # per logical worker: indices into data.x_train
+    x_train: Tensor  # on device
+    y_train: Tensor  # on device
+
+
+@dataclass
+class RoundResult:
+    """One round's outcome: mean training loss, samples processed by all workers, phase, extras."""
+
+    loss: float
+    samples: int
+    phase: str = "train"
+    extras: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Footprint:
+    """The largest worker's parameters and analytic training memory in bytes."""
+
+    params: int
+    memory_bytes: int
+
+
+class Strategy(ABC):
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    Options: ClassVar[type] = NoOptions
+    #: True for strategies that train one model whatever ``--workers`` says.
+    single_worker: ClassVar[bool] = False
+
+    def __init__(self, ctx: StrategyContext, options: Any) -> None:
+        self.ctx = ctx
+        self.options = options
+
+    @abstractmethod
+    def run_round(self) -> RoundResult:
+        """Train one round (the unit between synchronisations) and return its outcome."""
+
+    @abstractmethod
+    def eval_model(self) -> StackedNet:
+        """A model with one worker slot that represents what the strategy has learned so far."""
+
+    @abstractmethod
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue bit-for-bit after a restart (tensors and plain data only)."""
+
+    @abstractmethod
+    def load_state_dict(self, state: dict[str, Any]) -> None: ...
+
+    @abstractmethod
+    def footprint(self) -> Footprint: ...
+
+    def eval_extras(self) -> dict[str, float]:
+        """Strategy-specific figures computed at evaluation time (consensus error, ...)."""
+        return {}
+
+    def is_done(self) -> bool:
+        """True when the strategy has nothing left to train (multi-phase strategies)."""
+        return False

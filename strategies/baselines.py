@@ -1,0 +1,162 @@
+"""The baselines every partitioning strategy is measured against.
+
+- ``centralized``: one model, all data, one worker. Nothing is communicated.
+- ``allreduce``: data sharded over N workers, gradients averaged by a ring all-reduce every step,
+  all in one flat buffer (what ``DistributedDataParallel`` does with its buckets). Workers stay
+  identical; N workers with batch b equal ``centralized`` with batch N*b under SGD.
+- ``local-sgd``: every worker takes H local steps on its shard, then parameters (and batch-norm
+  statistics) are averaged by a ring all-reduce. Optimizer state stays local and is not averaged.
+  With H = 1 and plain SGD it equals ``allreduce``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from pnnctl.errors import UsageError
+from pnnctl.models import activation_elements, build_model, select_workers, worker_memory_bytes
+from pnnctl.training import ShardSampler, make_optimizer, stacked_cross_entropy
+from strategies import register
+from strategies.base import Footprint, RoundResult, Strategy, StrategyContext
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataParallelOptions:
+    steps_per_round: int = 0
+    """optimizer steps per round, the unit between checkpoints (0: one epoch)"""
+
+    def validate(self) -> None:
+        if self.steps_per_round < 0:
+            raise UsageError("steps_per_round", f"must be >= 0, not {self.steps_per_round}")
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalSGDOptions:
+    local_steps: int = 20
+    """local steps H between parameter averages (one round)"""
+
+    def validate(self) -> None:
+        if self.local_steps < 1:
+            raise UsageError("local-sgd.local_steps", f"must be >= 1, not {self.local_steps}")
+
+
+class DataParallel(Strategy):
+    """Replicas of one model on data shards; subclasses choose what is synchronised and when."""
+
+    #: gradient all-reduce after every step
+    sync_gradients = False
+
+    def __init__(self, ctx: StrategyContext, options: Any) -> None:
+        super().__init__(ctx, options)
+        config, group = ctx.config, ctx.group
+        self.model = build_model(
+            config.model, group.n_local, ctx.data.input_shape, ctx.data.n_classes, seed=config.seed
+        ).to(ctx.device)
+        self.optimizer = make_optimizer(
+            config.optimizer, self.model.parameters(), config.lr, config.momentum, config.weight_decay
+        )
+        self.sampler = ShardSampler(
+            ctx.x_train, ctx.y_train, ctx.shards, group.local_workers, config.batch_size, config.seed
+        )
+        self.steps_per_round = self.round_steps()
+
+    def round_steps(self) -> int:
+        steps = self.options.steps_per_round
+        if steps == 0:
+            per_step = self.ctx.group.n_workers * self.ctx.config.batch_size
+            steps = math.ceil(len(self.ctx.y_train) / per_step)
+        return steps
+
+    def train_step(self, x: Tensor, y: Tensor) -> float:
+        """One optimizer step of every local worker on ``x [n_local, B, ...]``; returns the mean loss."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss_sum, per_worker = stacked_cross_entropy(self.model(x), y)
+        loss_sum.backward()
+        if self.sync_gradients and self.ctx.group.n_workers > 1:
+            params = list(self.model.parameters())
+            averaged = self.ctx.group.all_reduce_flat([p.grad for p in params], op="mean", tag="grad_all_reduce")
+            for p, mean_grad in zip(params, averaged, strict=True):
+                p.grad.copy_(mean_grad.unsqueeze(0).expand_as(p.grad))
+        self.optimizer.step()
+        return self._mean_over_workers(per_worker)
+
+    def _mean_over_workers(self, per_worker: Tensor) -> float:
+        # Each rank sees its own block; the reported loss is over all N workers without ledger traffic.
+        group = self.ctx.group
+        if group.comm.world_size == 1:
+            return float(per_worker.mean())
+        return float(group.all_gather(per_worker.reshape(-1, 1)).mean())
+
+    def run_round(self) -> RoundResult:
+        total = 0.0
+        for _ in range(self.steps_per_round):
+            x, y = self.sampler.next_batch()
+            total += self.train_step(x, y)
+        self.after_round()
+        samples = self.steps_per_round * self.ctx.config.batch_size * self.ctx.group.n_workers
+        return RoundResult(loss=total / self.steps_per_round, samples=samples)
+
+    def after_round(self) -> None:
+        """Synchronisation at the end of a round (none for gradient all-reduce)."""
+
+    def eval_model(self) -> torch.nn.Module:
+        return select_workers(self.model, torch.tensor([0]))
+
+    def footprint(self) -> Footprint:
+        config = self.ctx.config
+        params = self.model.worker_parameter_count()
+        activations = activation_elements(self.model, config.batch_size)
+        return Footprint(params, worker_memory_bytes(params, activations, config.optimizer, config.momentum))
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "sampler": self.sampler.state_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.sampler.load_state_dict(state["sampler"])
+
+
+@register
+class Centralized(DataParallel):
+    name = "centralized"
+    summary = "one model trained on all data by one worker; nothing is communicated"
+    Options = DataParallelOptions
+    single_worker = True
+
+
+@register
+class AllReduce(DataParallel):
+    name = "allreduce"
+    summary = "data parallel: gradients averaged by ring all-reduce every step (what DDP does)"
+    Options = DataParallelOptions
+    sync_gradients = True
+
+
+@register
+class LocalSGD(DataParallel):
+    name = "local-sgd"
+    summary = "H local steps per worker, then parameters averaged by ring all-reduce"
+    Options = LocalSGDOptions
+
+    def round_steps(self) -> int:
+        return self.options.local_steps
+
+    def after_round(self) -> None:
+        group = self.ctx.group
+        if group.n_workers == 1:
+            return
+        state = [t for t in self.model.state_dict().values() if t.is_floating_point()]
+        averaged = group.all_reduce_flat(state, op="mean", tag="param_all_reduce")
+        with torch.no_grad():
+            for tensor, mean in zip(state, averaged, strict=True):
+                tensor.copy_(mean.unsqueeze(0).expand_as(tensor))

@@ -1,0 +1,192 @@
+"""Figures and report of a small but realistic compare folder."""
+
+from __future__ import annotations
+
+import re
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import numpy as np
+import pandas as pd
+import pytest
+
+from pnnctl.errors import UsageError
+from pnnctl.network import NETWORK_PRESETS
+from pnnctl.plots import mean_curve, pareto_front, plot_folder, strategy_colors
+from pnnctl.report import render_table, write_report, write_summary_csv
+from pnnctl.schema import METRIC_COLUMNS
+from pnnctl.stats import cell_summary, fastest_to_target, load_metrics, run_summaries
+
+STRATEGIES = ("allreduce", "gossip")
+FIGURES = ("acc_vs_epoch", "acc_vs_bytes", "acc_vs_time", "pareto", "memory", "scaling")
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def write_run(folder: Path, strategy: str, workers: int, seed: int) -> None:
+    """Five evaluations with accuracies, traffic and timings that differ by strategy, workers and seed."""
+    rng = np.random.default_rng([STRATEGIES.index(strategy), workers, seed])
+    run_id = f"{strategy}-w{workers}-s{seed}"
+    gossip = strategy == "gossip"
+    per_round_bytes = (2e6 if gossip else 8e6) * (1 + 0.1 * seed) * (workers / 2)
+    per_round_messages = 2 if gossip else 2 * (workers - 1)
+    params = 50_000 if gossip else 100_000 / workers * 2
+    rows = []
+    for r in range(5):
+        epoch = r + 0.5 * (r > 0)  # uneven spacing: seeds still share it, bytes and time do not
+        acc = min(0.99, 0.3 + 0.13 * r * (0.8 if gossip else 1.0) + rng.uniform(-0.03, 0.03))
+        compute = r * (3.0 if gossip else 2.0) * (1 + 0.05 * seed)
+        comm = r * per_round_messages * 1e-4 + r * per_round_bytes / 125e6
+        rows.append(
+            {
+                "run_id": run_id,
+                "strategy": strategy,
+                "dataset": "mnist",
+                "model": "mlp",
+                "seed": seed,
+                "workers": workers,
+                "world_size": 1,
+                "backend": "sim",
+                "round": r * 20,
+                "epoch": epoch,
+                "samples_seen": r * 60_000,
+                "phase": "train",
+                "wall_s": compute * 1.1,
+                "compute_s": compute,
+                "train_loss": 2.0 / (r + 1),
+                "test_loss": 2.1 / (r + 1),
+                "test_acc": acc,
+                "bytes_sent_total": r * per_round_bytes * workers,
+                "bytes_recv_total": r * per_round_bytes * workers,
+                "bytes_sent_max_worker": r * per_round_bytes,
+                "bytes_recv_max_worker": r * per_round_bytes,
+                "messages_total": r * per_round_messages * workers,
+                "messages_max_worker": r * per_round_messages,
+                "params_max_worker": params,
+                "memory_max_worker_bytes": params * 16 + 1e6 * (1 + seed * 0.01),
+                "comm_s": comm,
+                "projected_s": compute + comm,
+                "network": "lan-1g",
+                "peak_rss_bytes": 2e8,
+                "status": "finished" if r == 4 else "running",
+                "extras": "{}",
+            }
+        )
+    path = folder / "runs" / run_id / "metrics.csv"
+    path.parent.mkdir(parents=True)
+    pd.DataFrame(rows, columns=list(METRIC_COLUMNS)).to_csv(path, index=False, lineterminator="\n")
+
+
+@pytest.fixture(scope="module")
+def compare(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, list[Path]]:
+    """One compare folder plotted once for the whole module: plotting is the slow part."""
+    folder = tmp_path_factory.mktemp("cmp")
+    for strategy in STRATEGIES:
+        for workers in (2, 4):
+            for seed in (0, 1):
+                write_run(folder, strategy, workers, seed)
+    return folder, plot_folder(folder)
+
+
+def test_every_figure_in_both_formats(compare: tuple[Path, list[Path]]) -> None:
+    folder, written = compare
+    expected = {folder / "figures" / f"{name}.{fmt}" for name in FIGURES for fmt in ("png", "svg")}
+    assert set(written) == expected
+    for name in FIGURES:
+        png = folder / "figures" / f"{name}.png"
+        data = png.read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1024, name
+        pixels = mpimg.imread(png)
+        assert pixels.ndim == 3 and float(pixels.std()) > 0, name
+        svg = (folder / "figures" / f"{name}.svg").read_text(encoding="utf-8")
+        assert "<svg" in svg
+        ET.fromstring(svg)  # well-formed XML
+    # Atomic writes leave no temporary files behind.
+    assert not [p for p in (folder / "figures").iterdir() if p.name.startswith(".")]
+
+
+def test_report_links_table_and_command(compare: tuple[Path, list[Path]]) -> None:
+    folder, written = compare
+    metrics = load_metrics(folder)
+    cells = cell_summary(run_summaries(metrics, 0.7))
+    fastest = fastest_to_target(metrics, 0.7, [NETWORK_PRESETS["wan"], NETWORK_PRESETS["dc-100g"]])
+    command = "pnnctl compare --strategies allreduce,gossip --workers 2,4 --seeds 2 --target-acc 0.7"
+    summary_csv = write_summary_csv(folder, cells)
+    assert pd.read_csv(summary_csv)["n_seeds"].tolist() == [2, 2, 2, 2]
+    report = write_report(
+        folder,
+        command=command,
+        env={"python": "3.11", "torch": "2.5", "cpu": {"cores": 2}},
+        cells=cells,
+        figures=written,
+        target_acc=0.7,
+        fastest=fastest,
+        published={"gossip": "98.1% on MNIST (paper, Table 2)"},
+    )
+    text = report.read_text(encoding="utf-8")
+    assert command in text
+    assert "mean ± std" in text
+    for strategy in STRATEGIES:
+        for workers in (2, 4):
+            assert re.search(
+                rf"^\| {strategy}/mnist/mlp/w{workers} \| {strategy} \| {workers} \|", text, re.M
+            )
+    assert "## Fastest to target per network" in text and "| wan |" in text
+    assert "## Published numbers" in text and "98.1% on MNIST" in text
+    links = re.findall(r"\]\((figures/[^)]+)\)", text)
+    assert "figures/acc_vs_epoch.png" in links and "figures/scaling.svg" in links
+    for link in links:
+        assert (folder / link).is_file(), link
+
+
+def test_render_table_headers_name_the_aggregate(compare: tuple[Path, list[Path]]) -> None:
+    folder, _ = compare
+    rows = render_table(cell_summary(run_summaries(load_metrics(folder), None)))
+    assert len(rows) == 4
+    assert "final acc % (mean ± std, n)" in rows[0]
+    assert not any("target" in header for header in rows[0])
+    assert re.fullmatch(r"\d+\.\d\d ± \d+\.\d\d \(n=2\)", rows[0]["final acc % (mean ± std, n)"])
+
+
+def test_strategy_colors_do_not_depend_on_order() -> None:
+    first = strategy_colors(["gossip", "allreduce", "sil"])
+    second = strategy_colors(["sil", "allreduce", "gossip", "allreduce"])
+    assert first == second
+    assert len(set(first.values())) == 3
+    assert first["allreduce"] == "#1f77b4"  # tab10's first colour goes to the first name in sorted order
+
+
+def test_single_worker_count_skips_scaling(tmp_path: Path) -> None:
+    for strategy in STRATEGIES:
+        write_run(tmp_path, strategy, 4, 0)
+    (tmp_path / "figures").mkdir()
+    (tmp_path / "figures" / "scaling.png").write_bytes(b"stale")
+    written = plot_folder(tmp_path, formats=("png",), network=NETWORK_PRESETS["wan"])
+    names = sorted(path.name for path in written)
+    assert names == sorted(f"{name}.png" for name in FIGURES if name != "scaling")
+    assert not (tmp_path / "figures" / "scaling.png").exists()
+
+
+def test_plot_folder_rejects_bad_input(tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="not a pnnctl results folder"):
+        plot_folder(tmp_path)
+    write_run(tmp_path, "allreduce", 2, 0)
+    with pytest.raises(UsageError, match="formats"):
+        plot_folder(tmp_path, formats=("bmpx",))
+
+
+def test_mean_curve_interpolates_onto_the_common_range() -> None:
+    x, mean, std = mean_curve(
+        [(np.array([0.0, 2.0, 4.0]), np.array([0.0, 2.0, 4.0])), (np.array([1.0, 3.0]), np.array([3.0, 5.0]))]
+    )
+    # Common range is [1, 3]; the first seed is y = x, the second y = x + 2.
+    assert list(x) == [1.0, 2.0, 3.0]
+    assert list(mean) == pytest.approx([2.0, 3.0, 4.0])
+    assert list(std) == pytest.approx([np.sqrt(2.0)] * 3)
+    x, mean, std = mean_curve([(np.array([1.0, 2.0]), np.array([0.5, 0.6]))])
+    assert list(mean) == [0.5, 0.6] and np.isnan(std).all()
+
+
+def test_pareto_front() -> None:
+    # (bytes, acc): the second point is dominated by the first (more bytes, lower accuracy).
+    assert pareto_front([1.0, 2.0, 3.0, 0.5], [0.8, 0.7, 0.9, 0.6]) == [3, 0, 2]
