@@ -243,7 +243,9 @@ def compare(
     else:
         from pnnctl.report import render_table
 
-        rows = render_table(outcome.cells)
+        # The terminal gets the headline columns; summary.csv and report.md hold all of them.
+        headline = ("strategy", "workers", "final acc", "best acc", "MB sent/worker", "projected s", "reached")
+        rows = [{k: v for k, v in row.items() if k.startswith(headline)} for row in render_table(outcome.cells)]
         if rows:
             table = Table(title=f"{outcome.folder} ({outcome.aggregate_note})")
             for col in rows[0]:

@@ -29,6 +29,10 @@ def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
             yield handle
             handle.flush()
             os.fsync(handle.fileno())
+        # mkstemp creates 0600; results are meant to be shared like any file the user writes.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -49,7 +53,7 @@ def append_csv_row(path: Path, columns: Sequence[str], row: Mapping[str, Any]) -
     """Append one whole row (header first if the file is new) with a single write and fsync.
 
     One ``write`` of a short line on a local file is not torn by SIGKILL in practice; a line that
-    was torn by a power cut is detected and dropped by :func:`read_csv_rows`.
+    was torn by a power cut is dropped by :func:`repair_csv_tail` on resume.
     """
     path = Path(path)
     buffer = io.StringIO()

@@ -36,7 +36,7 @@ from pnnctl.network import parse_network
 from pnnctl.runtime import Runtime, detect_runtime, peak_memory_bytes, resolve_device
 from pnnctl.schema import METRIC_COLUMNS
 from pnnctl.training import evaluate, model_is_finite
-from pnnctl.workers import Comm, Ledger, WorkerGroup
+from pnnctl.workers import Comm, Ledger, LocalComm, WorkerGroup
 from strategies import get_strategy
 from strategies.base import StrategyContext
 
@@ -186,6 +186,31 @@ def check_resumable(saved: dict[str, Any], config: RunConfig, path: Path) -> Non
             )
 
 
+def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
+    if (run_dir / "metrics.csv").exists() and not resume:
+        msg = f"{run_dir} already holds a run; pass --resume to continue it, or choose --run-name or --out"
+        raise UsageError("run_name", msg)
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UsageError("out", f"cannot create {run_dir}: {exc.strerror or exc}") from None
+    if not os.access(run_dir, os.W_OK):
+        raise UsageError("out", f"{run_dir} is not writable")
+
+
+def _agreed_checkpoint(ckpt: Path, comm: Comm) -> dict[str, Any] | None:
+    """This rank's checkpoint at the newest round every rank has (None: start afresh)."""
+    candidates = [load_checkpoint(p) for p in (ckpt, ckpt.with_suffix(".prev.pt")) if p.exists()]
+    newest = max((c["loop"]["round"] for c in candidates), default=-1)
+    agreed = comm.min_int(newest)
+    if agreed < 0:
+        return None
+    for candidate in candidates:
+        if candidate["loop"]["round"] == agreed:
+            return candidate
+    raise UsageError("resume", f"{ckpt} and its predecessor do not hold round {agreed}, which every rank has")
+
+
 def _budget_reached(config: RunConfig, state: LoopState, ledger: Ledger, n_train: int) -> bool:
     if state.samples / n_train >= config.epochs - 1e-9:
         return True
@@ -284,10 +309,18 @@ def train(
     run_dir = Path(config.out) / config.run_id
     metrics_path = run_dir / "metrics.csv"
     main = runtime.is_main
-    if main and metrics_path.exists() and not resume:
-        raise UsageError(
-            "run_name", f"{run_dir} already holds a run; pass --resume to continue it, or choose --run-name or --out"
-        )
+    shared_comm = comm or LocalComm()
+    problem = ""
+    if main:
+        try:
+            _prepare_run_dir(run_dir, resume)
+        except UsageError as exc:
+            problem = str(exc)
+    # Every rank must stop on rank 0's error, or the others would wait for it in a collective.
+    problem = shared_comm.share_text(problem)
+    if problem:
+        field_name, _, text = problem.partition(": ")
+        raise UsageError(field_name, text)
 
     data, x_train, y_train = prepare_data(config, device)
     shards = shard_indices(data.y_train, n_workers, config.sharding, config.seed)
@@ -303,8 +336,8 @@ def train(
     rows: list[dict[str, Any]] = []
     notes: list[str] = []
     ckpt = checkpoint_path(run_dir, runtime.rank)
-    if resume and ckpt.exists():
-        saved = load_checkpoint(ckpt)
+    saved = _agreed_checkpoint(ckpt, shared_comm) if resume else None
+    if saved is not None:
         check_resumable(saved, config, ckpt)
         strategy.load_state_dict(saved["strategy"])
         ledger.load_state_dict(saved["ledger"])
@@ -319,10 +352,8 @@ def train(
             summary = json.loads((run_dir / "summary.json").read_text()) if main else {}
             return RunResult(run_dir, summary.get("status", "finished"), rows, summary, notes)
     elif main:
-        try:
-            run_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise UsageError("out", f"cannot create {run_dir}: {exc.strerror or exc}") from None
+        if resume and metrics_path.exists():
+            _rewrite_rows(metrics_path, [])  # no checkpoint to continue from: start the rows afresh too
         atomic_write_text(run_dir / "config.toml", to_toml(config_to_dict(config)))
         env = environment(config, runtime, device, backend)
         env["shards"] = shard_stats(data.y_train, shards, data.n_classes)
@@ -338,6 +369,7 @@ def train(
         test_loss, test_acc = evaluate(model, x_test, y_test) if finite else (float("nan"), float("nan"))
         extras = {**state.extras, **strategy.eval_extras()}
         totals = ledger.totals()
+        per_rank = shared_comm.gather_floats([float(peak_memory_bytes(device)), shared_comm.wire_bytes_sent])
         row = {
             "run_id": config.run_id,
             "strategy": config.strategy,
@@ -361,7 +393,8 @@ def train(
             "memory_max_worker_bytes": footprint.memory_bytes,
             "projected_s": round(state.compute_s + totals["comm_s"], 6),
             "network": network.name,
-            "peak_rss_bytes": peak_memory_bytes(device),
+            "peak_rss_bytes": int(max(r[0] for r in per_rank)),
+            "wire_bytes_sent_max_rank": max(r[1] for r in per_rank),
             "status": status if finite else "diverged",
             "extras": json.dumps(extras, sort_keys=True),
         }
@@ -379,6 +412,9 @@ def train(
         progress.update(float(row["epoch"]), float(row["train_loss"]), float(row["test_acc"]))
 
     def checkpoint(finished: bool = False) -> None:
+        if shared_comm.world_size > 1 and ckpt.exists():
+            # Ranks may die between their writes; keep the previous round so all can agree on one.
+            os.replace(ckpt, ckpt.with_suffix(".prev.pt"))
         save_checkpoint(
             ckpt,
             {
@@ -401,7 +437,7 @@ def train(
     status = "running"
     with StopRequest() as stop:
         while status == "running":
-            if stop.signal is not None:
+            if shared_comm.any_true(stop.signal is not None):
                 checkpoint()
                 status = "interrupted"
                 break
@@ -445,7 +481,7 @@ def train(
     summary = run_summary(rows, config) if rows else {}
     if status == "interrupted":
         summary["status"] = "interrupted"
-        summary["signal"] = signal.Signals(stop.signal).name if stop.signal else ""
+        summary["signal"] = signal.Signals(stop.signal).name if stop.signal else "SIGTERM"
         if main:
             atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
     return RunResult(run_dir, status, rows, summary, notes)

@@ -140,9 +140,17 @@ class Comm(Protocol):
 
     def all_reduce_sum(self, t: Tensor) -> Tensor: ...
 
-    def all_gather_blocks(self, t: Tensor, block_sizes: list[int]) -> Tensor: ...
+    def all_gather_blocks(self, t: Tensor, block_sizes: list[int], bookkeeping: bool = False) -> Tensor: ...
 
     def barrier(self) -> None: ...
+
+    def any_true(self, flag: bool) -> bool: ...
+
+    def min_int(self, value: int) -> int: ...
+
+    def share_text(self, text: str) -> str: ...
+
+    def gather_floats(self, values: list[float]) -> list[list[float]]: ...
 
 
 class LocalComm:
@@ -155,11 +163,23 @@ class LocalComm:
     def all_reduce_sum(self, t: Tensor) -> Tensor:
         return t
 
-    def all_gather_blocks(self, t: Tensor, block_sizes: list[int]) -> Tensor:
+    def all_gather_blocks(self, t: Tensor, block_sizes: list[int], bookkeeping: bool = False) -> Tensor:
         return t
 
     def barrier(self) -> None:
         return None
+
+    def any_true(self, flag: bool) -> bool:
+        return flag
+
+    def min_int(self, value: int) -> int:
+        return value
+
+    def share_text(self, text: str) -> str:
+        return text
+
+    def gather_floats(self, values: list[float]) -> list[list[float]]:
+        return [list(values)]
 
 
 def block_sizes(n_workers: int, world_size: int) -> list[int]:
@@ -255,7 +275,7 @@ class WorkerGroup:
 
     def all_gather(self, t: Tensor) -> Tensor:
         """All N slices on every rank, without ledger traffic: for evaluation and metrics only."""
-        return self.comm.all_gather_blocks(t, self.blocks)
+        return self.comm.all_gather_blocks(t, self.blocks, bookkeeping=True)
 
     def mix(self, t: Tensor, weights: Tensor, tag: str = "mix", new_messages: bool = True) -> Tensor:
         """Neighbour averaging: worker i gets ``sum_j weights[i, j] * t[j]`` (``weights`` is ``[N, N]``).

@@ -1,0 +1,224 @@
+"""Real processes on torch.distributed: the same strategies, the traffic between blocks on the wire.
+
+::
+
+    pnnctl train --strategy allreduce --workers 4 --nproc 2                       # 2 local gloo ranks
+    torchrun --nproc-per-node 2 -m pnnctl train --strategy allreduce --workers 4  # same, via torchrun
+    torchrun --nnodes 2 --node-rank 0 --nproc-per-node 4 \\
+        --rdzv-backend c10d --rdzv-endpoint HOST:29500 -m pnnctl train --strategy ist --workers 8
+
+Each rank holds a contiguous block of the N logical workers (blocks differ by at most one worker;
+N >= P is required) and runs the same stacked code as the simulation. :class:`TorchComm` is the
+:class:`pnnctl.workers.Comm` for it: the group's collectives sum or gather across ranks, and each
+rank counts the bytes it hands to torch.distributed (``wire_bytes_sent``) with the cost of the
+algorithm the backend runs for that call (ring all-reduce: 2(P-1)/P x S; all-gather: (P-1) x S).
+With one worker per process these equal the logical ledger's per-worker bytes. Metrics-only
+traffic (loss and accuracy bookkeeping) is counted apart, in ``bookkeeping_bytes``.
+
+Faults: every collective has the ``timeout_s`` deadline, so a dead or hung rank makes the others
+fail within it; ``--nproc`` runs (torch.multiprocessing.spawn) then end the remaining ranks, print
+which rank failed and exit non-zero. Every rank checkpoints its own block each round (keeping the
+previous one), and ``--resume`` restarts from the newest round that every rank has.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import signal
+import socket
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from pnnctl.config import RunConfig
+from pnnctl.errors import UsageError
+from pnnctl.runtime import detect_runtime, resolve_device
+
+
+class TorchComm:
+    """Cross-rank operations of a :class:`pnnctl.workers.WorkerGroup` over torch.distributed."""
+
+    def __init__(self, backend: str, device: torch.device) -> None:
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        self.backend = backend
+        self.device = device
+        self.wire_bytes_sent = 0.0
+        self.bookkeeping_bytes = 0.0
+
+    def _on_device(self, t: Tensor) -> Tensor:
+        # nccl needs CUDA tensors; gloo takes CPU tensors (and copies CUDA ones itself).
+        return t.contiguous() if self.backend != "nccl" else t.to(self.device).contiguous()
+
+    def all_reduce_sum(self, t: Tensor) -> Tensor:
+        out = self._on_device(t.clone())
+        p = self.world_size
+        self.wire_bytes_sent += 2 * (p - 1) / p * out.numel() * out.element_size()
+        dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        return out.to(t.device)
+
+    def all_gather_blocks(self, t: Tensor, block_sizes: list[int], bookkeeping: bool = False) -> Tensor:
+        """Concatenate every rank's ``[block, ...]`` tensor along dim 0 (blocks may differ by one)."""
+        largest = max(block_sizes)
+        local = self._on_device(t)
+        if local.shape[0] < largest:
+            pad = local.new_zeros((largest - local.shape[0], *local.shape[1:]))
+            local = torch.cat([local, pad])
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        sent = (self.world_size - 1) * local.numel() * local.element_size()
+        if bookkeeping:
+            self.bookkeeping_bytes += sent
+        else:
+            self.wire_bytes_sent += sent
+        dist.all_gather(parts, local)
+        return torch.cat([part[:size] for part, size in zip(parts, block_sizes, strict=True)]).to(t.device)
+
+    def barrier(self) -> None:
+        dist.barrier()
+
+    def any_true(self, flag: bool) -> bool:
+        """True on every rank if any rank says True (a stop request, an error)."""
+        value = torch.tensor([1.0 if flag else 0.0], device=self.device if self.backend == "nccl" else "cpu")
+        self.bookkeeping_bytes += 2 * (self.world_size - 1) / self.world_size * value.element_size()
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item() > 0)
+
+    def min_int(self, value: int) -> int:
+        tensor = torch.tensor([value], dtype=torch.long, device=self.device if self.backend == "nccl" else "cpu")
+        dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
+        return int(tensor.item())
+
+    def share_text(self, text: str) -> str:
+        """Rank 0's text on every rank (an error message that all ranks must raise)."""
+        holder = [text]
+        dist.broadcast_object_list(holder, src=0)
+        return holder[0]
+
+    def gather_floats(self, values: list[float]) -> list[list[float]]:
+        """Every rank's short list of floats (per-rank peak memory and wire bytes for metrics)."""
+        local = torch.tensor(values, dtype=torch.float64)
+        if self.backend == "nccl":
+            local = local.to(self.device)
+        parts = [torch.empty_like(local) for _ in range(self.world_size)]
+        dist.all_gather(parts, local)
+        return [part.cpu().tolist() for part in parts]
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def choose_backend(config: RunConfig, device: torch.device) -> str:
+    if config.backend != "auto":
+        if config.backend == "nccl" and device.type != "cuda":
+            raise UsageError("backend", "nccl needs CUDA devices; use gloo (or auto) on the CPU")
+        return config.backend
+    return "nccl" if device.type == "cuda" else "gloo"
+
+
+def run_distributed(
+    config: RunConfig, *, resume: bool = False, progress: Any = None, argv: list[str] | None = None
+) -> Any:
+    """Run as one rank under torchrun, or start ``config.nproc`` local ranks and wait for them."""
+    if "RANK" in os.environ:
+        return _run_rank(config, resume=resume, progress=progress)
+    return _spawn_local(config, resume=resume, progress=progress)
+
+
+def _run_rank(config: RunConfig, *, resume: bool, progress: Any) -> Any:
+    from pnnctl.trainer import train
+
+    runtime = detect_runtime()
+    device = resolve_device(config.device, runtime.local_rank)
+    backend = choose_backend(config, device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    # On one machine the ranks share its cores; give each its share so they do not oversubscribe.
+    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", runtime.world_size))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
+    if os.environ.get("MASTER_ADDR", "127.0.0.1") in ("127.0.0.1", "localhost"):
+        os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=config.timeout_s))
+    try:
+        comm = TorchComm(backend, device)
+        result = train(config, resume=resume, progress=progress if runtime.is_main else None, comm=comm,
+                       runtime=runtime)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    return result if runtime.is_main else None
+
+
+def _child(local_rank: int, config: RunConfig, resume: bool, port: int, error_dir: str, progress: Any) -> None:
+    """One spawned rank: torchrun's environment, then the same path as under torchrun."""
+    os.environ.update(
+        RANK=str(local_rank),
+        LOCAL_RANK=str(local_rank),
+        WORLD_SIZE=str(config.nproc),
+        LOCAL_WORLD_SIZE=str(config.nproc),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+    )
+    try:
+        _run_rank(config, resume=resume, progress=progress if local_rank == 0 else None)
+    except UsageError as exc:
+        Path(error_dir, f"rank{local_rank}.usage").write_text(str(exc))
+        raise SystemExit(2) from None
+    except Exception as exc:  # reported by the parent with the rank's number
+        Path(error_dir, f"rank{local_rank}.error").write_text(f"{type(exc).__name__}: {exc}".splitlines()[0])
+        raise SystemExit(1) from None
+
+
+class RankFailed(RuntimeError):
+    """A rank of a ``--nproc`` run died, hung past the timeout, or raised."""
+
+
+def _spawn_local(config: RunConfig, *, resume: bool, progress: Any) -> Any:
+    import json
+
+    import torch.multiprocessing as mp
+
+    from pnnctl.trainer import RunResult, _read_rows
+
+    port = _free_port()
+    with tempfile.TemporaryDirectory(prefix="pnnctl-ranks-") as error_dir:
+        context = mp.spawn(
+            _child, args=(config, resume, port, error_dir, progress), nprocs=config.nproc, join=False
+        )
+        # The ranks handle SIGINT themselves (a terminal sends it to the whole process group) and
+        # agree to stop after the round; a SIGTERM sent to this parent alone is passed on to them.
+        previous = {
+            signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: None),
+            signal.SIGTERM: signal.signal(
+                signal.SIGTERM, lambda *_: [os.kill(p.pid, signal.SIGTERM) for p in context.processes if p.is_alive()]
+            ),
+        }
+        try:
+            while not context.join():
+                pass
+        except mp.ProcessExitedException as exc:
+            usage = sorted(Path(error_dir).glob("*.usage"))
+            if usage:
+                field, _, problem = usage[0].read_text().partition(": ")
+                raise UsageError(field, problem) from None
+            errors = sorted(Path(error_dir).glob("*.error"))
+            detail = "; ".join(f"{p.stem}: {p.read_text()}" for p in errors)
+            how = f"signal {exc.signal_name}" if exc.signal_name else f"exit code {exc.exit_code}"
+            raise RankFailed(
+                f"rank {exc.error_index} failed ({how}){'; ' + detail if detail else ''}; "
+                "the other ranks were stopped; rerun with --resume to continue from the last checkpoint"
+            ) from None
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+    run_dir = Path(config.out) / config.run_id
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = _read_rows(run_dir / "metrics.csv")
+    return RunResult(run_dir, summary.get("status", "finished"), rows, summary)
