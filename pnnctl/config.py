@@ -249,6 +249,9 @@ def validate(config: RunConfig) -> RunConfig:
     )
     require(config.checkpoint_every >= 1, "checkpoint_every", "an integer >= 1")
     require(config.nproc >= 1, "nproc", "an integer >= 1")
+    if config.nproc > config.effective_workers:
+        msg = f"{config.effective_workers} workers cannot fill {config.nproc} processes; use --workers >= --nproc"
+        raise UsageError("workers", msg)
     require(config.backend in BACKENDS, "backend", "one of " + ", ".join(BACKENDS))
     require(config.timeout_s > 0, "timeout_s", "a number of seconds > 0")
     require(config.precision in PRECISIONS, "precision", "one of " + ", ".join(PRECISIONS))

@@ -24,6 +24,7 @@ previous one), and ``--resume`` restarts from the newest round that every rank h
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import signal
 import socket
@@ -187,6 +188,8 @@ def _spawn_local(config: RunConfig, *, resume: bool, progress: Any) -> Any:
 
     from pnnctl.trainer import RunResult, _read_rows
 
+    # torch logs each rank it terminates; our own one-line error says which rank failed.
+    logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     port = _free_port()
     with tempfile.TemporaryDirectory(prefix="pnnctl-ranks-") as error_dir:
         context = mp.spawn(
@@ -201,7 +204,8 @@ def _spawn_local(config: RunConfig, *, resume: bool, progress: Any) -> Any:
             ),
         }
         try:
-            while not context.join():
+            # After a failure, the others get 5 s to stop on their own, then SIGTERM, then SIGKILL.
+            while not context.join(grace_period=5):
                 pass
         except mp.ProcessExitedException as exc:
             usage = sorted(Path(error_dir).glob("*.usage"))

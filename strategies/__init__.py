@@ -6,14 +6,14 @@
 from __future__ import annotations
 
 import importlib
+import pkgutil
+from pathlib import Path
 
 from pnnctl.errors import UsageError
 from strategies.base import Strategy
 
 STRATEGIES: dict[str, type[Strategy]] = {}
 
-# Modules that register strategies on import, in the order `pnnctl list` shows them.
-_MODULES = ("strategies.baselines",)
 
 
 def register(cls: type[Strategy]) -> type[Strategy]:
@@ -31,5 +31,11 @@ def get_strategy(name: str) -> type[Strategy]:
         raise UsageError("strategy", f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}") from None
 
 
-for _module in _MODULES:
-    importlib.import_module(_module)
+def _discover() -> None:
+    """Import every module of this package (baselines first): each registers its strategies."""
+    names = sorted(m.name for m in pkgutil.iter_modules([str(Path(__file__).parent)]) if m.name != "base")
+    for name in sorted(names, key=lambda n: (n != "baselines", n)):
+        importlib.import_module(f"strategies.{name}")
+
+
+_discover()

@@ -1,0 +1,124 @@
+"""Real gloo processes on loopback: same results as the simulation, real bytes = logical bytes, faults."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from distributed_utils import assert_simulated_equals_distributed, run_cli
+from pnnctl.config import RunConfig
+
+pytestmark = pytest.mark.distributed
+
+
+def small(strategy: str, workers: int, **kw) -> RunConfig:
+    base = dict(strategy=strategy, dataset="digits", model="mlp:64-32-10", workers=workers, epochs=2.0,
+                batch_size=16, lr=0.1, eval_every=1.0, device="cpu")
+    base.update(kw)
+    return RunConfig(**base)
+
+
+@pytest.mark.parametrize("strategy", ["allreduce", "local-sgd", "centralized"])
+def test_two_process_run_equals_simulation(strategy: str, tmp_path: Path) -> None:
+    workers = 1 if strategy == "centralized" else 2
+    config = small(strategy, workers, options={"local_steps": 5} if strategy == "local-sgd" else {})
+    if strategy == "centralized":
+        # centralized has one worker, so it cannot fill two processes: a clear error, exit 2.
+        result = run_cli(["train", "--strategy", "centralized", "--dataset", "digits", "--model", "mlp:64-32-10",
+                          "--nproc", "2", "--out", str(tmp_path)])
+        assert result.returncode == 2
+        assert result.stderr.strip().startswith("error: workers:")
+        return
+    assert_simulated_equals_distributed(config, tmp_path, nproc=2)
+
+
+def test_uneven_blocks_and_adam_state_match(tmp_path: Path) -> None:
+    # 3 workers over 2 ranks: blocks of 2 and 1; Adam's per-worker state must split the same way.
+    config = small("local-sgd", 3, optimizer="adam", lr=0.01, options={"local_steps": 4})
+    assert_simulated_equals_distributed(config, tmp_path, nproc=2)
+
+
+def test_four_processes_allreduce_equals_simulation(tmp_path: Path) -> None:
+    assert_simulated_equals_distributed(small("allreduce", 4, epochs=1.0), tmp_path, nproc=4)
+
+
+def test_wire_bytes_equal_logical_bytes_with_one_worker_per_process(tmp_path: Path) -> None:
+    for strategy in ("allreduce", "local-sgd"):
+        result = run_cli(["train", "--strategy", strategy, "--dataset", "digits", "--model", "mlp:64-32-10",
+                          "--workers", "2", "--nproc", "2", "--epochs", "1", "--out", str(tmp_path)])
+        assert result.returncode == 0, result.stderr
+        rows = pd.read_csv(tmp_path / f"{strategy}-w2-s0" / "metrics.csv")
+        assert rows["bytes_sent_max_worker"].iloc[-1] > 0
+        assert (rows["wire_bytes_sent_max_rank"] == rows["bytes_sent_max_worker"]).all()
+
+
+def _spawned_ranks(parent: int) -> list[int]:
+    """Child processes of ``parent`` that are torch.multiprocessing spawn workers (the ranks)."""
+    ranks = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        if ppid == parent and "spawn_main" in cmdline:
+            ranks.append(int(entry.name))
+    return sorted(ranks)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+@pytest.mark.parametrize("fault", ["kill", "hang"])
+def test_failed_rank_ends_run_within_timeout_and_resume_finishes(fault: str, tmp_path: Path) -> None:
+    args = ["train", "--strategy", "local-sgd", "--dataset", "digits", "--model", "mlp:64-32-10", "--workers", "2",
+            "--nproc", "2", "--epochs", "40", "--set", "local-sgd.local_steps=2", "--set", "timeout_s=8",
+            "--eval-every", "5", "--out", str(tmp_path)]
+    proc = subprocess.Popen([sys.executable, "-m", "pnnctl", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    run_dir = tmp_path / "local-sgd-w2-s0"
+    deadline = time.time() + 120
+    while not (run_dir / "checkpoint.rank1.pt").exists():
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.time() < deadline
+        time.sleep(0.1)
+    ranks = _spawned_ranks(proc.pid)
+    assert len(ranks) == 2
+    victim = ranks[-1]
+    os.kill(victim, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
+    started = time.time()
+    try:
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        if fault == "hang" and _alive(victim):
+            os.kill(victim, signal.SIGKILL)
+    elapsed = time.time() - started
+    assert proc.returncode not in (0, 2)
+    assert "rank " in stderr and "failed" in stderr and "--resume" in stderr
+    assert elapsed < 8 + 15  # the collective timeout plus the launcher's grace periods (2 x 5 s)
+    time.sleep(1)
+    assert not any(_alive(pid) for pid in ranks), "orphan rank left behind"
+    # The results written so far stay valid, and --resume finishes the run.
+    partial = pd.read_csv(run_dir / "metrics.csv")
+    assert len(partial) >= 1
+    resumed = run_cli([*args, "--resume"], timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    final = pd.read_csv(run_dir / "metrics.csv")
+    assert final["status"].iloc[-1] == "finished"
+    assert final["epoch"].iloc[-1] >= 40 - 1e-6
+    assert final["round"].is_monotonic_increasing and final["round"].is_unique
