@@ -7,6 +7,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import matplotlib.image as mpimg
+import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 import pytest
@@ -165,6 +166,7 @@ def test_single_worker_count_skips_scaling(tmp_path: Path) -> None:
     names = sorted(path.name for path in written)
     assert names == sorted(f"{name}.png" for name in FIGURES if name != "scaling")
     assert not (tmp_path / "figures" / "scaling.png").exists()
+    assert not plt.get_fignums()  # every figure was closed
 
 
 def test_plot_folder_rejects_bad_input(tmp_path: Path) -> None:

@@ -224,6 +224,8 @@ def test_fastest_to_target_depends_on_the_network() -> None:
 def test_fastest_is_nan_when_nobody_reaches() -> None:
     result = fastest_to_target(table(run_rows("a", 0, [0.1])), 0.9, [NETWORK_PRESETS["wan"]])
     assert pd.isna(result.loc["wan", "fastest"])
+    with pytest.raises(UsageError, match="target_acc"):
+        fastest_to_target(table(run_rows("a", 0, [0.1])), None, [NETWORK_PRESETS["wan"]])  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------------------------------
