@@ -56,8 +56,10 @@ class TorchComm:
         # nccl needs CUDA tensors; gloo takes CPU tensors (and copies CUDA ones itself).
         return t.contiguous() if self.backend != "nccl" else t.to(self.device).contiguous()
 
-    def all_reduce_sum(self, t: Tensor) -> Tensor:
-        out = self._on_device(t.clone())
+    def all_reduce_sum(self, t: Tensor, inplace: bool = False) -> Tensor:
+        """Sum over ranks; ``inplace`` reduces the caller's own (contiguous) buffer without a copy."""
+        in_place = inplace and t.is_contiguous() and (self.backend != "nccl" or t.is_cuda)
+        out = t if in_place else self._on_device(t.clone())
         p = self.world_size
         self.wire_bytes_sent += 2 * (p - 1) / p * out.numel() * out.element_size()
         dist.all_reduce(out, op=dist.ReduceOp.SUM)

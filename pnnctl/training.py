@@ -85,6 +85,29 @@ class ShardSampler:
         self._perm_cache.clear()
 
 
+class GradientBuffer:
+    """Gradients of stacked parameters kept as views into one flat buffer, so a gradient all-reduce
+    runs in place on it (no concatenation before, no copy back after), as DDP's bucket views do.
+
+    The buffer holds, parameter after parameter, each one's ``[n_local, size]`` block.
+    """
+
+    def __init__(self, params: list[Tensor]) -> None:
+        self.params = params
+        self.sizes = [p[0].numel() for p in params]
+        self.flat = torch.zeros(sum(p.numel() for p in params), dtype=params[0].dtype, device=params[0].device)
+        self.attach()
+
+    def attach(self) -> None:
+        offset = 0
+        for p in self.params:
+            p.grad = self.flat[offset : offset + p.numel()].view_as(p)
+            offset += p.numel()
+
+    def zero_(self) -> None:
+        self.flat.zero_()
+
+
 def make_optimizer(
     name: str, params: Iterable[Tensor], lr: float, momentum: float = 0.0, weight_decay: float = 0.0
 ) -> torch.optim.Optimizer:

@@ -138,7 +138,7 @@ class Comm(Protocol):
     world_size: int
     wire_bytes_sent: float  # bytes this rank handed to the transport (see pnnctl.distributed)
 
-    def all_reduce_sum(self, t: Tensor) -> Tensor: ...
+    def all_reduce_sum(self, t: Tensor, inplace: bool = False) -> Tensor: ...
 
     def all_gather_blocks(self, t: Tensor, block_sizes: list[int], bookkeeping: bool = False) -> Tensor: ...
 
@@ -160,7 +160,7 @@ class LocalComm:
     world_size = 1
     wire_bytes_sent = 0.0
 
-    def all_reduce_sum(self, t: Tensor) -> Tensor:
+    def all_reduce_sum(self, t: Tensor, inplace: bool = False) -> Tensor:
         return t
 
     def all_gather_blocks(self, t: Tensor, block_sizes: list[int], bookkeeping: bool = False) -> Tensor:
@@ -226,15 +226,57 @@ class WorkerGroup:
         return total.unsqueeze(0).expand(self.n_local, *total.shape)
 
     def all_reduce_flat(self, tensors: list[Tensor], op: str = "mean", tag: str = "all_reduce") -> list[Tensor]:
-        """All-reduce several ``[n_local, ...]`` tensors as one flat buffer (one collective, like a DDP bucket)."""
+        """All-reduce several ``[n_local, ...]`` tensors as one flat buffer (one collective, like a DDP bucket).
+
+        Returns one reduced tensor per input, shaped like a single worker's slice (views of one buffer).
+        """
+        n = self.n_workers
         flat = torch.cat([t.reshape(self.n_local, -1) for t in tensors], dim=1)
-        reduced = self.all_reduce(flat, op=op, tag=tag)[0]
+        per_worker, messages = ring_all_reduce_bytes(n, tensor_bytes(flat))
+        sent, msgs = self.ledger.zeros(), self.ledger.zeros()
+        sent[:n] = per_worker
+        msgs[:n] = messages
+        self.ledger.record(tag, sent, sent.copy(), msgs)
+        # flat is ours: reduce in place, without the extra copies of the general path.
+        local = flat[0] if self.n_local == 1 else flat.sum(dim=0)
+        reduced = self.comm.all_reduce_sum(local, inplace=True)
+        if op == "mean":
+            reduced.div_(n)
+        elif op != "sum":
+            raise ValueError(f"all_reduce op must be 'sum' or 'mean', not {op!r}")
         out, offset = [], 0
         for t in tensors:
             size = t[0].numel()
-            out.append(reduced[offset : offset + size].reshape(t.shape[1:]))
+            out.append(reduced[offset : offset + size].view(t.shape[1:]))
             offset += size
         return out
+
+    def all_reduce_segments_(self, flat: Tensor, sizes: list[int], op: str = "mean", tag: str = "all_reduce") -> None:
+        """In-place all-reduce of a flat buffer of consecutive ``[n_local, size_i]`` blocks (see GradientBuffer).
+
+        Ledger: one ring all-reduce of ``sum(sizes)`` elements per worker. With one worker per process
+        the buffer itself goes on the wire, with no copy in or out.
+        """
+        n = self.n_workers
+        per_worker, messages = ring_all_reduce_bytes(n, sum(sizes) * flat.element_size())
+        sent, msgs = self.ledger.zeros(), self.ledger.zeros()
+        sent[:n] = per_worker
+        msgs[:n] = messages
+        self.ledger.record(tag, sent, sent.copy(), msgs)
+        if op not in ("mean", "sum"):
+            raise ValueError(f"all_reduce op must be 'sum' or 'mean', not {op!r}")
+        if self.n_local == 1:
+            self.comm.all_reduce_sum(flat, inplace=True)
+            if op == "mean":
+                flat.div_(n)
+            return
+        blocks = torch.split(flat, [self.n_local * size for size in sizes])
+        local = torch.cat([block.view(self.n_local, -1).sum(dim=0) for block in blocks])
+        reduced = self.comm.all_reduce_sum(local, inplace=True)
+        if op == "mean":
+            reduced.div_(n)
+        for block, part in zip(blocks, torch.split(reduced, sizes), strict=True):
+            block.view(self.n_local, -1).copy_(part.unsqueeze(0).expand(self.n_local, -1))
 
     def broadcast(self, master_value: Tensor, tag: str = "broadcast") -> Tensor:
         """The master sends the same ``master_value`` to every worker; returns ``[n_local, ...]``.

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from pnnctl.errors import UsageError
 from pnnctl.models import activation_elements, build_model, select_workers, worker_memory_bytes
-from pnnctl.training import ShardSampler, make_optimizer, stacked_cross_entropy
+from pnnctl.training import GradientBuffer, ShardSampler, make_optimizer, stacked_cross_entropy
 from strategies import register
 from strategies.base import Footprint, RoundResult, Strategy, StrategyContext
 
@@ -64,6 +64,11 @@ class DataParallel(Strategy):
             ctx.x_train, ctx.y_train, ctx.shards, group.local_workers, config.batch_size, config.seed
         )
         self.steps_per_round = self.round_steps()
+        self.gradients = (
+            GradientBuffer(list(self.model.parameters()))
+            if self.sync_gradients and group.n_workers > 1
+            else None
+        )
 
     def round_steps(self) -> int:
         steps = self.options.steps_per_round
@@ -74,14 +79,15 @@ class DataParallel(Strategy):
 
     def train_step(self, x: Tensor, y: Tensor) -> float:
         """One optimizer step of every local worker on ``x [n_local, B, ...]``; returns the mean loss."""
-        self.optimizer.zero_grad(set_to_none=True)
+        if self.gradients is None:
+            self.optimizer.zero_grad(set_to_none=True)
+        else:
+            self.gradients.zero_()
         loss_sum, per_worker = stacked_cross_entropy(self.model(x), y)
         loss_sum.backward()
-        if self.sync_gradients and self.ctx.group.n_workers > 1:
-            params = list(self.model.parameters())
-            averaged = self.ctx.group.all_reduce_flat([p.grad for p in params], op="mean", tag="grad_all_reduce")
-            for p, mean_grad in zip(params, averaged, strict=True):
-                p.grad.copy_(mean_grad.unsqueeze(0).expand_as(p.grad))
+        if self.gradients is not None:
+            buffer = self.gradients
+            self.ctx.group.all_reduce_segments_(buffer.flat, buffer.sizes, op="mean", tag="grad_all_reduce")
         self.optimizer.step()
         return self._mean_over_workers(per_worker)
 

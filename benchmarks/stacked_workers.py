@@ -1,0 +1,109 @@
+"""N simulated workers held stacked (one batched kernel) against a Python loop over N models.
+
+MLP 784-256-256-10, batch 32 per worker, SGD; one optimizer step of every worker, measured
+alternately in one run. Goal: stacked >= 1.5x the loop at N = 16. Also reports the memory per
+simulated worker at N = 64 (parameters, gradients and activations actually allocated).
+
+    python benchmarks/stacked_workers.py [--workers 4,16,64] [--steps 20] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import interleaved, machine, print_table
+
+from pnnctl.models import build_model
+from pnnctl.training import make_optimizer, stacked_cross_entropy
+
+SPEC = "mlp:784-256-256-10"
+
+
+def stacked_step_fn(n: int, batch: int, device: torch.device):
+    model = build_model(SPEC, n, (1, 28, 28), 10, seed=0).to(device)
+    optimizer = make_optimizer("sgd", model.parameters(), lr=0.05)
+    x = torch.randn(n, batch, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (n, batch), device=device)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss, _ = stacked_cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+
+    return step, model
+
+
+def loop_step_fn(n: int, batch: int, device: torch.device):
+    models = [
+        nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
+        .to(device)
+        for _ in range(n)
+    ]
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.05) for m in models]
+    x = torch.randn(n, batch, 1, 28, 28, device=device)
+    y = torch.randint(0, 10, (n, batch), device=device)
+
+    def step() -> None:
+        for i, (model, optimizer) in enumerate(zip(models, optimizers, strict=True)):
+            optimizer.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(model(x[i]), y[i]).backward()
+            optimizer.step()
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--workers", default="4,16,64")
+    parser.add_argument("--steps", type=int, default=20, help="steps per timed repeat")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    rows = []
+    for n in (int(v) for v in args.workers.split(",")):
+        stacked, model = stacked_step_fn(n, args.batch, device)
+        looped = loop_step_fn(n, args.batch, device)
+
+        def run(step):
+            def timed() -> None:
+                for _ in range(args.steps):
+                    step()
+                sync()
+
+            return timed
+
+        times = interleaved({"stacked": run(stacked), "loop": run(looped)}, repeats=args.repeats)
+        per_step = {k: v / args.steps for k, v in times.items()}
+        params = model.worker_parameter_count()
+        # What a simulated worker occupies: parameters + gradients (fp32) + its activations for backward.
+        activations = args.batch * (784 + 256 + 256 + 256 + 256 + 10)
+        per_worker_mb = 4 * (2 * params + activations) / 1e6
+        rows.append([
+            str(n),
+            f"{per_step['stacked'] * 1e3:.2f}",
+            f"{per_step['loop'] * 1e3:.2f}",
+            f"{per_step['loop'] / per_step['stacked']:.2f}x",
+            f"{n * args.batch / per_step['stacked']:,.0f}",
+            f"{per_worker_mb:.2f}",
+        ])
+    print_table(
+        f"stacked workers vs per-worker loop: {SPEC}, batch {args.batch}/worker, SGD, median of {args.repeats} x "
+        f"{args.steps} steps; {machine()}; device {device}",
+        ["N", "stacked ms/step", "loop ms/step", "speed-up (goal >= 1.5 at N=16)", "samples/s stacked",
+         "MB per simulated worker"],
+        rows,
+    )
+
+
+if __name__ == "__main__":
+    main()

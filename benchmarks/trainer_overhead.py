@@ -1,0 +1,99 @@
+"""The `centralized` strategy under pnnctl's trainer against a hand-written PyTorch loop.
+
+Same MLP (784-512x5-47), data (synthetic, 784 inputs, 47 classes), batch (128) and optimizer (Adam),
+measured alternately in one run. Goal: pnnctl >= 0.97x the loop's samples/s.
+
+    python benchmarks/trainer_overhead.py [--samples 20000] [--repeats 3] [--device cpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import machine, matmul_peak_gflops, print_table
+
+from pnnctl.config import RunConfig, SyntheticConfig, validate
+from pnnctl.trainer import prepare_data, train
+
+WIDTHS = (784, 512, 512, 512, 512, 512, 47)
+
+
+def hand_loop(x: torch.Tensor, y: torch.Tensor, batch: int, epochs: int, seed: int) -> float:
+    """The loop a researcher would write: nn.Sequential, Adam, shuffled mini-batches. Returns seconds."""
+    torch.manual_seed(seed)
+    layers: list[nn.Module] = []
+    for i, (a, b) in enumerate(zip(WIDTHS[:-1], WIDTHS[1:], strict=True)):
+        layers.append(nn.Linear(a, b))
+        if i < len(WIDTHS) - 2:
+            layers.append(nn.ReLU())
+    model = nn.Sequential(nn.Flatten(), *layers).to(x.device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    start = time.perf_counter()
+    for _ in range(epochs):
+        order = torch.randperm(len(x), device=x.device)
+        for i in range(0, len(x) - batch + 1, batch):
+            index = order[i : i + batch]
+            optimizer.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(x[index]), y[index])
+            loss.backward()
+            optimizer.step()
+    if x.device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--samples", type=int, default=25000, help="synthetic samples (80%% train)")
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+
+    config = validate(
+        RunConfig(
+            strategy="centralized", dataset="synthetic", model="mlp:" + "-".join(map(str, WIDTHS)),
+            synthetic=SyntheticConfig(samples=args.samples, dim=784, classes=47), batch_size=128,
+            optimizer="adam", lr=1e-3, epochs=float(args.epochs), eval_every=1000.0, device=args.device,
+            checkpoint_every=1,
+        )
+    )
+    data, x_train, y_train = prepare_data(config, torch.device(args.device))
+    n_train = len(y_train)
+    params = sum(a * b + b for a, b in zip(WIDTHS[:-1], WIDTHS[1:], strict=True))
+    loop_rates, pnnctl_rates = [], []
+    for repeat in range(args.repeats):
+        seconds = hand_loop(x_train, y_train, 128, args.epochs, seed=repeat)
+        loop_rates.append(n_train * args.epochs / seconds)
+        with tempfile.TemporaryDirectory() as out:
+            result = train(config.with_updates(out=out, seed=repeat))
+        # wall_s: the trainer's whole training time (rounds, ledger, checkpoints), evaluation excluded.
+        pnnctl_rates.append(float(result.rows[-1]["samples_seen"]) / float(result.rows[-1]["wall_s"]))
+    loop_rate, pnnctl_rate = max(loop_rates), max(pnnctl_rates)
+    peak = matmul_peak_gflops()
+    flops_per_sample = 6 * params  # forward 2*params, backward 4*params
+    rows = [
+        ["hand-written loop", f"{loop_rate:,.0f}", f"{loop_rate * flops_per_sample / 1e9:.1f}",
+         f"{loop_rate * flops_per_sample / 1e9 / peak:.0%}", "1.00x"],
+        ["pnnctl centralized", f"{pnnctl_rate:,.0f}", f"{pnnctl_rate * flops_per_sample / 1e9:.1f}",
+         f"{pnnctl_rate * flops_per_sample / 1e9 / peak:.0%}", f"{pnnctl_rate / loop_rate:.3f}x"],
+    ]
+    print_table(
+        f"trainer overhead: MLP {'-'.join(map(str, WIDTHS))}, batch 128, Adam, {n_train} samples x {args.epochs} "
+        f"epochs, best of {args.repeats}; {machine()}; fp32 matmul peak {peak:.0f} GFLOP/s",
+        ["loop", "samples/s", "GFLOP/s", "of matmul peak", "ratio (goal >= 0.97)"],
+        rows,
+    )
+    del data
+
+
+if __name__ == "__main__":
+    main()
