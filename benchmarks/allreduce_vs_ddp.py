@@ -23,6 +23,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import itertools
+
 from common import print_table
 
 
@@ -52,7 +54,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
     strategy = AllReduce(ctx, DataParallelOptions(steps_per_round=args.steps))
 
     layers: list[nn.Module] = [nn.Flatten()]
-    for i, (a, b) in enumerate(zip(widths[:-1], widths[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(widths)):
         layers.append(nn.Linear(a, b))
         if i < len(widths) - 2:
             layers.append(nn.ReLU())

@@ -18,6 +18,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import itertools
+
 from common import machine, matmul_peak_gflops, print_table
 
 from pnnctl.config import RunConfig, SyntheticConfig, validate
@@ -30,7 +32,7 @@ def hand_loop(x: torch.Tensor, y: torch.Tensor, batch: int, epochs: int, seed: i
     """The loop a researcher would write: nn.Sequential, Adam, shuffled mini-batches. Returns seconds."""
     torch.manual_seed(seed)
     layers: list[nn.Module] = []
-    for i, (a, b) in enumerate(zip(WIDTHS[:-1], WIDTHS[1:], strict=True)):
+    for i, (a, b) in enumerate(itertools.pairwise(WIDTHS)):
         layers.append(nn.Linear(a, b))
         if i < len(WIDTHS) - 2:
             layers.append(nn.ReLU())
@@ -68,7 +70,7 @@ def main() -> None:
     )
     data, x_train, y_train = prepare_data(config, torch.device(args.device))
     n_train = len(y_train)
-    params = sum(a * b + b for a, b in zip(WIDTHS[:-1], WIDTHS[1:], strict=True))
+    params = sum(a * b + b for a, b in itertools.pairwise(WIDTHS))
     loop_rates, pnnctl_rates = [], []
     for repeat in range(args.repeats):
         seconds = hand_loop(x_train, y_train, 128, args.epochs, seed=repeat)
