@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import IO, Any
 
 from pnnctl.errors import UsageError
+from pnnctl.faults import fault_point
 
 
 @contextlib.contextmanager
@@ -34,19 +35,30 @@ def atomic_open(path: Path, mode: str = "w") -> Iterator[IO[Any]]:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, path)
+    except OSError as exc:
+        # Disk full, read-only, quota: the old file (if any) is untouched; say so in one line.
+        tmp.unlink(missing_ok=True)
+        raise UsageError("out", f"cannot write {path}: {exc.strerror or exc}; earlier results are intact") from None
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    with atomic_open(path, "w") as handle:
-        handle.write(text)
+def atomic_write_text(path: Path, text: str, fault: str = "") -> None:
+    atomic_write_bytes(path, text.encode("utf-8"), fault=fault)
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def atomic_write_bytes(path: Path, data: bytes, fault: str = "") -> None:
+    """Write ``data`` atomically; ``fault`` names a kill point half-way through (see pnnctl.faults)."""
     with atomic_open(path, "wb") as handle:
-        handle.write(data)
+        if fault:
+            half = len(data) // 2
+            handle.write(data[:half])
+            handle.flush()
+            fault_point(fault)
+            handle.write(data[half:])
+        else:
+            handle.write(data)
 
 
 def append_csv_row(path: Path, columns: Sequence[str], row: Mapping[str, Any]) -> None:

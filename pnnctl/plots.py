@@ -395,7 +395,7 @@ def _save(fig: Figure, figures: Path, stem: str, formats: tuple[str, ...]) -> li
             buffer = io.BytesIO()
             fig.savefig(buffer, format=fmt, dpi=120, bbox_inches="tight", metadata=_METADATA.get(fmt))
             path = figures / f"{stem}.{fmt}"
-            atomic_write_bytes(path, buffer.getvalue())
+            atomic_write_bytes(path, buffer.getvalue(), fault="plot")
             written.append(path)
     finally:
         plt.close(fig)

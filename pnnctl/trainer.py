@@ -31,6 +31,7 @@ from pnnctl import __version__
 from pnnctl.config import RunConfig, config_to_dict, parse_budget, to_toml
 from pnnctl.data import Dataset, load_dataset, shard_indices, shard_stats
 from pnnctl.errors import UsageError
+from pnnctl.faults import fault_point
 from pnnctl.io import append_csv_row, atomic_write_bytes, atomic_write_text, repair_csv_tail
 from pnnctl.network import parse_network
 from pnnctl.runtime import Runtime, detect_runtime, peak_memory_bytes, resolve_device
@@ -159,7 +160,7 @@ def checkpoint_path(run_dir: Path, rank: int) -> Path:
 def save_checkpoint(path: Path, payload: dict[str, Any]) -> None:
     buffer = io.BytesIO()
     torch.save(payload, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue(), fault="checkpoint-write")
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:
@@ -196,6 +197,8 @@ def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
         raise UsageError("out", f"cannot create {run_dir}: {exc.strerror or exc}") from None
     if not os.access(run_dir, os.W_OK):
         raise UsageError("out", f"{run_dir} is not writable")
+    for stale in run_dir.glob(".*.tmp"):  # half-written temporaries of a killed run; the real files are whole
+        stale.unlink(missing_ok=True)
 
 
 def _agreed_checkpoint(ckpt: Path, comm: Comm) -> dict[str, Any] | None:
@@ -407,8 +410,10 @@ def train(
         rows.append(row)
         if main:
             append_csv_row(metrics_path, METRIC_COLUMNS, row)
+            fault_point("metrics-append")
             summary = run_summary(rows, config)
-            atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+            text = json.dumps(summary, indent=2, default=str) + "\n"
+            atomic_write_text(run_dir / "summary.json", text, fault="summary-write")
         progress.update(float(row["epoch"]), float(row["train_loss"]), float(row["test_acc"]))
 
     def checkpoint(finished: bool = False) -> None:
@@ -445,6 +450,7 @@ def train(
             result = strategy.run_round()
             state.compute_s += time.perf_counter() - started
             ledger.end_round()
+            fault_point("round")
             state.round += 1
             state.samples += result.samples
             state.phase = result.phase

@@ -1,0 +1,152 @@
+"""Killed at any point, a run or a grid resumes to the same result; write errors leave results intact."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pandas as pd
+import pytest
+from distributed_utils import NONDETERMINISTIC, run_cli
+
+RUN = ["train", "--strategy", "local-sgd", "--dataset", "digits", "--model", "mlp:64-32-10", "--workers", "3",
+       "--epochs", "3", "--eval-every", "0.5", "--set", "local-sgd.local_steps=5", "--set", "momentum=0.9"]
+
+
+def deterministic(rows: pd.DataFrame) -> pd.DataFrame:
+    return rows.drop(columns=[c for c in rows.columns if c in NONDETERMINISTIC])
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory: pytest.TempPathFactory) -> pd.DataFrame:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    result = run_cli([*RUN, "--out", str(out)])
+    assert result.returncode == 0, result.stderr
+    return pd.read_csv(out / "local-sgd-w3-s0" / "metrics.csv")
+
+
+@pytest.mark.parametrize(
+    "point", ["round:4", "checkpoint-write:3", "metrics-append:2", "summary-write:3", "checkpoint-write:1"]
+)
+def test_sigkill_at_any_point_resumes_to_identical_metrics(point: str, tmp_path: Path, uninterrupted) -> None:
+    killed = run_cli([*RUN, "--out", str(tmp_path)], env={"PNNCTL_FAULT": point})
+    assert killed.returncode == -9, f"the fault point {point} was not reached: {killed.stderr[-500:]}"
+    run_dir = tmp_path / "local-sgd-w3-s0"
+    # What the kill left is whole: the real files parse (a half-written temporary may remain).
+    if (run_dir / "summary.json").exists():
+        json.loads((run_dir / "summary.json").read_text())
+    pd.read_csv(run_dir / "metrics.csv")
+    resumed = run_cli([*RUN, "--out", str(tmp_path), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert not list(run_dir.glob(".*.tmp")), "resume leaves no temporaries behind"
+    final = pd.read_csv(run_dir / "metrics.csv")
+    pd.testing.assert_frame_equal(deterministic(final), deterministic(uninterrupted))
+
+
+def test_torn_metrics_line_is_dropped_on_resume_with_a_warning(tmp_path: Path, uninterrupted) -> None:
+    killed = run_cli([*RUN, "--out", str(tmp_path)], env={"PNNCTL_FAULT": "round:5"})
+    assert killed.returncode == -9
+    metrics = tmp_path / "local-sgd-w3-s0" / "metrics.csv"
+    with open(metrics, "a") as handle:  # what a crash in the middle of a write would leave
+        handle.write("local-sgd-w3-s0,local-sgd,dig")
+    resumed = run_cli([*RUN, "--out", str(tmp_path), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    assert "warning: dropped a torn last line" in resumed.stderr
+    pd.testing.assert_frame_equal(deterministic(pd.read_csv(metrics)), deterministic(uninterrupted))
+
+
+def test_checkpoint_from_another_config_is_refused(tmp_path: Path) -> None:
+    killed = run_cli([*RUN, "--out", str(tmp_path)], env={"PNNCTL_FAULT": "round:3"})
+    assert killed.returncode == -9
+    metrics = tmp_path / "local-sgd-w3-s0" / "metrics.csv"
+    before = metrics.read_bytes()
+    changed = run_cli([*RUN, "--out", str(tmp_path), "--resume", "--lr", "0.2"])
+    assert changed.returncode == 2
+    assert changed.stderr.strip().splitlines() == [changed.stderr.strip()]
+    assert "error: resume:" in changed.stderr and "lr=" in changed.stderr
+    assert metrics.read_bytes() == before
+
+
+def test_corrupt_checkpoint_is_a_clear_error(tmp_path: Path) -> None:
+    killed = run_cli([*RUN, "--out", str(tmp_path)], env={"PNNCTL_FAULT": "round:3"})
+    assert killed.returncode == -9
+    (tmp_path / "local-sgd-w3-s0" / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    result = run_cli([*RUN, "--out", str(tmp_path), "--resume"])
+    assert result.returncode == 2
+    assert result.stderr.startswith("error: resume:") and "Traceback" not in result.stderr
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_results_folder_is_a_clear_error(tmp_path: Path) -> None:
+    tmp_path.chmod(0o500)
+    try:
+        result = run_cli([*RUN, "--out", str(tmp_path / "sub")])
+    finally:
+        tmp_path.chmod(0o700)
+    assert result.returncode == 2 and result.stderr.startswith("error: out:")
+
+
+def test_write_error_keeps_earlier_results(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from pnnctl import io as pio
+    from pnnctl.errors import UsageError
+
+    target = tmp_path / "summary.json"
+    pio.atomic_write_text(target, "old")
+
+    def full_disk(*_a, **_k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pio.os, "fsync", full_disk)
+    with pytest.raises(UsageError, match="No space left on device"):
+        pio.atomic_write_text(target, "new")
+    assert target.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+GRID = ["compare", "--strategies", "centralized,local-sgd", "--workers", "2", "--datasets", "digits",
+        "--model", "mlp:64-32-10", "--epochs", "1", "--eval-every", "0.5", "--name", "grid"]
+
+
+def test_killed_compare_resumes_without_redoing_finished_cells(tmp_path: Path) -> None:
+    killed = run_cli([*GRID, "--out", str(tmp_path)], env={"PNNCTL_FAULT": "plot:3"})
+    assert killed.returncode == -9
+    runs = tmp_path / "grid" / "runs"
+    finished = {p: p.stat().st_mtime_ns for p in runs.glob("*/metrics.csv")}
+    assert len(finished) == 2
+    resumed = run_cli([*GRID, "--out", str(tmp_path)])
+    assert resumed.returncode == 0, resumed.stderr
+    assert resumed.stderr.count("already finished, skipped") == 2
+    assert {p: p.stat().st_mtime_ns for p in runs.glob("*/metrics.csv")} == finished
+    assert (tmp_path / "grid" / "report.md").exists()
+
+
+def test_failing_cell_is_recorded_and_the_grid_goes_on(tmp_path: Path) -> None:
+    empty = tmp_path / "no-data"
+    empty.mkdir()
+    result = run_cli(
+        [*GRID[:-2], "--datasets", "digits,mnist", "--name", "mixed", "--out", str(tmp_path)],
+        env={"PNNCTL_DATA": str(empty)},
+    )
+    assert result.returncode == 0, result.stderr
+    failures = json.loads((tmp_path / "mixed" / "failures.json").read_text())
+    assert {f["run_id"] for f in failures} == {"centralized-mnist-w1-s0", "local-sgd-mnist-w2-s0"}
+    assert all("data_dir" in f["error"] or "MNIST" in f["error"] for f in failures)
+    summary = pd.read_csv(tmp_path / "mixed" / "summary.csv")
+    assert set(summary["strategy"]) == {"centralized", "local-sgd"}
+    assert "failed" in result.stderr
+
+
+def test_second_writer_is_refused_by_the_lock(tmp_path: Path) -> None:
+    from pnnctl.compare import grid_lock
+    from pnnctl.errors import UsageError
+
+    folder = tmp_path / "grid"
+    with grid_lock(folder):
+        (folder / ".lock").write_text(str(os.getppid()))  # another live process holds it
+        with pytest.raises(UsageError, match="another compare"), grid_lock(folder):
+            pass
+    # A lock left by a dead process (a killed compare) is taken over.
+    (folder / ".lock").write_text("999999999")
+    with grid_lock(folder):
+        assert (folder / ".lock").read_text() == str(os.getpid())
