@@ -13,6 +13,7 @@ the run folder; rank 0 alone writes results.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -299,9 +300,15 @@ def train(
     progress = progress or NullProgress()
     runtime = runtime or detect_runtime()
     device = resolve_device(config.device, runtime.local_rank)
-    if config.precision == "tf32" and device.type == "cuda":
+    if config.precision != "fp32" and device.type != "cuda":
+        raise UsageError("precision", f"{config.precision} needs a CUDA device; use fp32 on {device}")
+    if config.precision == "tf32":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    # bf16: every round runs under autocast, so strategies need no precision code of their own.
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if config.precision == "bf16" else contextlib.nullcontext()
+    )
     strategy_cls = get_strategy(config.strategy)
     options = config.strategy_options()
     n_workers = config.effective_workers
@@ -447,7 +454,8 @@ def train(
                 status = "interrupted"
                 break
             started = time.perf_counter()
-            result = strategy.run_round()
+            with autocast:
+                result = strategy.run_round()
             state.compute_s += time.perf_counter() - started
             ledger.end_round()
             fault_point("round")

@@ -1,0 +1,35 @@
+"""The CUDA path: every registered strategy trains on a GPU, in fp32 and bf16. Skipped without CUDA."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from pnnctl.config import RunConfig, validate
+from pnnctl.errors import UsageError
+from pnnctl.trainer import train
+from strategies import STRATEGIES
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@cuda
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_every_strategy_trains_on_cuda(strategy: str, precision: str, tmp_path: Path) -> None:
+    config = validate(RunConfig(strategy=strategy, dataset="digits", model="mlp:64-64-10", workers=2,
+                                epochs=2.0, lr=0.1, device="cuda", precision=precision, out=str(tmp_path)))
+    result = train(config)
+    assert result.status == "finished"
+    assert float(result.rows[-1]["test_acc"]) > 0.5
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
+def test_cuda_or_bf16_without_a_gpu_is_a_clear_error(tmp_path: Path) -> None:
+    for changes in ({"device": "cuda"}, {"precision": "bf16"}):
+        config = validate(RunConfig(dataset="digits", model="mlp:64-16-10", out=str(tmp_path), **changes))
+        with pytest.raises(UsageError) as error:
+            train(config)
+        assert error.value.field in ("device", "precision")
