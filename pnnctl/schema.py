@@ -19,6 +19,7 @@ METRIC_COLUMNS: tuple[str, ...] = (
     "phase",  # strategy phase: "train" for most; SIL uses apart / joined / recovery
     "wall_s",  # wall-clock seconds since the run started (excluding evaluation)
     "compute_s",  # seconds spent in strategy rounds (training compute + simulated collectives)
+    "collective_s",  # the part of compute_s spent in the worker group's collectives and ledger
     "train_loss",  # mean training loss over the rounds since the previous row
     "test_loss",
     "test_acc",  # fraction in [0, 1]

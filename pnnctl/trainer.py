@@ -85,6 +85,7 @@ class LoopState:
     round: int = 0
     samples: int = 0
     compute_s: float = 0.0
+    collective_s: float = 0.0
     wall_s: float = 0.0
     next_eval_epoch: float = 0.0
     loss_sum: float = 0.0
@@ -395,6 +396,7 @@ def train(
             "phase": state.phase,
             "wall_s": round(state.wall_s, 6),
             "compute_s": round(state.compute_s, 6),
+            "collective_s": round(state.collective_s, 6),
             "train_loss": state.loss_sum / state.loss_rounds if state.loss_rounds else float("nan"),
             "test_loss": test_loss,
             "test_acc": test_acc,
@@ -454,9 +456,11 @@ def train(
                 status = "interrupted"
                 break
             started = time.perf_counter()
+            collectives_before = group.collective_s
             with autocast:
                 result = strategy.run_round()
             state.compute_s += time.perf_counter() - started
+            state.collective_s += group.collective_s - collectives_before
             ledger.end_round()
             fault_point("round")
             state.round += 1

@@ -25,8 +25,11 @@ A master (parameter server) is a node of its own, slot N of the ledger, and neve
 
 from __future__ import annotations
 
+import functools
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -182,6 +185,23 @@ class LocalComm:
         return [list(values)]
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _timed(method: F) -> F:
+    """Add the call's seconds to ``group.collective_s`` (the ledger and data movement share of a round)."""
+
+    @functools.wraps(method)
+    def wrapper(self: WorkerGroup, *args: Any, **kwargs: Any) -> Any:
+        start = time.perf_counter()
+        try:
+            return method(self, *args, **kwargs)
+        finally:
+            self.collective_s += time.perf_counter() - start
+
+    return wrapper  # type: ignore[return-value]
+
+
 def block_sizes(n_workers: int, world_size: int) -> list[int]:
     """Contiguous blocks of logical workers per rank; sizes differ by at most one (first ranks larger)."""
     base, extra = divmod(n_workers, world_size)
@@ -198,6 +218,7 @@ class WorkerGroup:
         self.blocks = block_sizes(n_workers, self.comm.world_size)
         start = sum(self.blocks[: self.comm.rank])
         self.local_workers = range(start, start + self.blocks[self.comm.rank])
+        self.collective_s = 0.0
 
     @property
     def n_local(self) -> int:
@@ -209,6 +230,7 @@ class WorkerGroup:
 
     # -- collectives --------------------------------------------------------------------------
 
+    @_timed
     def all_reduce(self, t: Tensor, op: str = "mean", tag: str = "all_reduce") -> Tensor:
         """Sum or mean over all N workers; every worker gets the result. ``t`` is ``[n_local, ...]``."""
         n = self.n_workers
@@ -225,6 +247,7 @@ class WorkerGroup:
             raise ValueError(f"all_reduce op must be 'sum' or 'mean', not {op!r}")
         return total.unsqueeze(0).expand(self.n_local, *total.shape)
 
+    @_timed
     def all_reduce_flat(self, tensors: list[Tensor], op: str = "mean", tag: str = "all_reduce") -> list[Tensor]:
         """All-reduce several ``[n_local, ...]`` tensors as one flat buffer (one collective, like a DDP bucket).
 
@@ -251,6 +274,7 @@ class WorkerGroup:
             offset += size
         return out
 
+    @_timed
     def all_reduce_segments_(self, flat: Tensor, sizes: list[int], op: str = "mean", tag: str = "all_reduce") -> None:
         """In-place all-reduce of a flat buffer of consecutive ``[n_local, size_i]`` blocks (see GradientBuffer).
 
@@ -278,6 +302,7 @@ class WorkerGroup:
         for block, part in zip(blocks, torch.split(reduced, sizes), strict=True):
             block.view(self.n_local, -1).copy_(part.unsqueeze(0).expand(self.n_local, -1))
 
+    @_timed
     def broadcast(self, master_value: Tensor, tag: str = "broadcast") -> Tensor:
         """The master sends the same ``master_value`` to every worker; returns ``[n_local, ...]``.
 
@@ -292,6 +317,7 @@ class WorkerGroup:
         self.ledger.record(tag, sent, recv, msgs)
         return master_value.unsqueeze(0).expand(self.n_local, *master_value.shape)
 
+    @_timed
     def scatter(self, pieces: Tensor, tag: str = "scatter", sizes: np.ndarray | None = None) -> Tensor:
         """The master sends worker i its piece ``pieces[i]`` (``[N, ...]``); returns this rank's block.
 
@@ -305,6 +331,7 @@ class WorkerGroup:
         self.ledger.record(tag, sent, recv, msgs)
         return pieces[self.local_workers.start : self.local_workers.stop]
 
+    @_timed
     def gather(self, t: Tensor, tag: str = "gather", sizes: np.ndarray | None = None) -> Tensor:
         """Every worker sends its slice to the master; returns all N slices ``[N, ...]`` (on every rank)."""
         sizes = np.full(self.n_workers, float(tensor_bytes(t))) if sizes is None else sizes
@@ -315,10 +342,12 @@ class WorkerGroup:
         self.ledger.record(tag, sent, recv, msgs)
         return self.comm.all_gather_blocks(t, self.blocks)
 
+    @_timed
     def all_gather(self, t: Tensor) -> Tensor:
         """All N slices on every rank, without ledger traffic: for evaluation and metrics only."""
         return self.comm.all_gather_blocks(t, self.blocks, bookkeeping=True)
 
+    @_timed
     def mix(self, t: Tensor, weights: Tensor, tag: str = "mix", new_messages: bool = True) -> Tensor:
         """Neighbour averaging: worker i gets ``sum_j weights[i, j] * t[j]`` (``weights`` is ``[N, N]``).
 
@@ -342,6 +371,7 @@ class WorkerGroup:
         local_rows = weights[self.local_workers.start : self.local_workers.stop].to(everyone.dtype)
         return torch.einsum("ij,j...->i...", local_rows, everyone)
 
+    @_timed
     def record_p2p(self, op: str, sent: np.ndarray, recv: np.ndarray, messages: np.ndarray) -> None:
         """Traffic of an irregular exchange a strategy computes itself (arrays over nodes, master last)."""
         self.ledger.record(op, sent, recv, messages)
