@@ -7,6 +7,7 @@ Every user-fixable problem ends as one line on stderr and exit code 2; an interr
 from __future__ import annotations
 
 import json
+import math
 import shlex
 import signal
 import sys
@@ -153,10 +154,25 @@ def train(
     for note in result.notes:
         console.print(f"warning: {note}", highlight=False)
     if fmt == "json":
-        out_console.print_json(json.dumps(result.summary, default=str))
+        out_console.print_json(json_text(result.summary))
     else:
         _print_run(result.summary)
     _exit_for_status(result.status, result.summary)
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities become null: they are not JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def json_text(value: Any) -> str:
+    return json.dumps(_finite(value), default=str, allow_nan=False)
 
 
 def _print_run(summary: dict[str, Any]) -> None:
@@ -188,11 +204,11 @@ def _exit_for_status(status: str, summary: dict[str, Any]) -> None:
         command = " ".join(shlex.quote(a) for a in ["pnnctl", *sys.argv[1:]])
         if "--resume" not in sys.argv:
             command += " --resume"
-        console.print(f"interrupted; resume with: {command}", highlight=False)
+        console.print(f"interrupted; resume with: {command}", highlight=False, markup=False, soft_wrap=True)
         signame = summary.get("signal", "SIGINT")
         raise typer.Exit(128 + int(getattr(signal, signame, signal.SIGINT)))
     if status == "diverged":
-        console.print("run diverged (NaN or inf); the last good checkpoint is kept", highlight=False)
+        console.print("run diverged (NaN or inf); the last good checkpoint is kept", highlight=False, soft_wrap=True)
         raise typer.Exit(3)
 
 
@@ -239,7 +255,7 @@ def compare(
     outcome = compare_from_cli(config, flags, set_ or [], grid_flags, plots=not no_plots, argv=sys.argv,
                                progress_factory=CliProgress, console=console)
     if fmt == "json":
-        out_console.print_json(outcome.cells.to_json(orient="records"))
+        out_console.print_json(json_text(outcome.cells.to_dict(orient="records")))
     else:
         from pnnctl.report import render_table
 
@@ -335,7 +351,8 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point: run the app; turn usage errors into one line and exit code 2."""
     click_errors = _click_exceptions()
     try:
-        app(args=argv, standalone_mode=False)
+        # standalone_mode=False hands back the exit code of typer.Exit instead of raising it.
+        code = app(args=argv, standalone_mode=False)
     except UsageError as exc:
         console.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(2)
@@ -349,3 +366,4 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

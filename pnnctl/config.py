@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 import math
 import tomllib
 import types
@@ -128,6 +129,7 @@ class RunConfig:
 
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
+FLOAT32_MAX = 3.4028234663852886e38
 DEVICES = ("auto", "cpu", "cuda")
 PRECISIONS = ("fp32", "tf32", "bf16")
 BACKENDS = ("auto", "gloo", "nccl")
@@ -164,8 +166,12 @@ def coerce(value: Any, tp: Any, name: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise UsageError(name, f"must be a number, not {value!r}")
-        if not math.isfinite(value):
-            raise UsageError(name, f"must be a finite number, not {value!r}")
+        try:
+            finite = math.isfinite(value)
+        except OverflowError:
+            finite = False
+        if not finite:
+            raise UsageError(name, f"must be a finite number, not {str(value)[:40]}")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -231,22 +237,25 @@ def validate(config: RunConfig) -> RunConfig:
     require(config.workers >= 1, "workers", "an integer >= 1")
     require(config.epochs > 0, "epochs", "a number > 0")
     require(config.batch_size >= 1, "batch_size", "an integer >= 1")
-    require(config.lr > 0, "lr", "a number > 0")
+    require(0 < config.lr < FLOAT32_MAX, "lr", "a number > 0 (and below 3.4e38, float32's largest)")
     require(config.optimizer in OPTIMIZERS, "optimizer", "one of " + ", ".join(OPTIMIZERS))
     require(0 <= config.momentum < 1, "momentum", "a number in [0, 1)")
     require(config.weight_decay >= 0, "weight_decay", "a number >= 0")
-    require(config.seed >= 0, "seed", "an integer >= 0")
+    require(0 <= config.seed < 2**63, "seed", "an integer in [0, 2**63)")
     device_ok = config.device in DEVICES or (config.device.startswith("cuda:") and config.device[5:].isdigit())
     require(device_ok, "device", "auto, cpu, cuda or cuda:K")
     parse_sharding(config.sharding)
-    require(config.eval_every > 0, "eval_every", "a number of epochs > 0")
+    require(config.eval_every >= 1e-4, "eval_every", "a number of epochs >= 0.0001")
     require(0 <= config.target_acc <= 1, "target_acc", "a fraction in [0, 1] (0 for none)")
     parse_network(config.network)
     parse_budget(config.budget)
     require(bool(config.out), "out", "a folder path")
-    require(
-        "/" not in config.run_name and config.run_name not in (".", ".."), "run_name", "a plain folder name"
-    )
+    def no_control(text: str) -> bool:
+        return all(ch >= " " and ch != "\x7f" for ch in text)
+
+    plain = "/" not in config.run_name and config.run_name not in (".", "..") and no_control(config.run_name)
+    require(plain, "run_name", "a plain folder name (no '/', no control characters)")
+    require(no_control(config.out), "out", "a folder path without control characters")
     require(config.checkpoint_every >= 1, "checkpoint_every", "an integer >= 1")
     require(config.nproc >= 1, "nproc", "an integer >= 1")
     if config.nproc > config.effective_workers:
@@ -268,7 +277,13 @@ def validate(config: RunConfig) -> RunConfig:
     options = config.strategy_options()
     check = getattr(options, "validate", None)
     if check is not None:
-        check()
+        try:
+            check()
+        except UsageError as exc:
+            # Name the option the way the user types it: STRATEGY.OPTION.
+            if "." not in exc.field and exc.field in {f.name for f in fields(options)}:
+                raise UsageError(f"{config.strategy}.{exc.field}", exc.problem) from None
+            raise
     return config
 
 
@@ -402,8 +417,8 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
+    # A JSON string is a valid TOML basic string, once DEL (which JSON leaves raw) is escaped too.
+    return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
 def to_toml(values: Mapping[str, Any]) -> str:
@@ -420,20 +435,25 @@ def field_docs(cls: type) -> dict[str, str]:
     """Docstrings under each dataclass field (read from the source), for ``pnnctl list`` and --help."""
     import ast
     import inspect
+    import textwrap
 
-    try:
-        tree = ast.parse(inspect.getsource(cls))
-    except (OSError, TypeError):
-        return {}
     docs: dict[str, str] = {}
-    body = tree.body[0].body  # type: ignore[attr-defined]
-    for node, following in itertools.pairwise(body):
-        if (
-            isinstance(node, ast.AnnAssign)
-            and isinstance(node.target, ast.Name)
-            and isinstance(following, ast.Expr)
-            and isinstance(following.value, ast.Constant)
-            and isinstance(following.value.value, str)
-        ):
-            docs[node.target.id] = following.value.value.strip()
+    # Base classes first, so a subclass's docstring for a field overrides its parent's.
+    for klass in reversed(cls.__mro__):
+        if klass is object:
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body  # type: ignore[attr-defined]
+        for node, following in itertools.pairwise(body):
+            if (
+                isinstance(node, ast.AnnAssign)
+                and isinstance(node.target, ast.Name)
+                and isinstance(following, ast.Expr)
+                and isinstance(following.value, ast.Constant)
+                and isinstance(following.value.value, str)
+            ):
+                docs[node.target.id] = following.value.value.strip()
     return docs

@@ -10,6 +10,7 @@ messages in one round go out one after another (the usual alpha-beta model).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from pnnctl.errors import UsageError
@@ -76,7 +77,7 @@ def parse_network(spec: str) -> NetworkModel:
             bandwidth = _parse_bandwidth(bandwidth_text)
         except ValueError:
             raise UsageError("network", f"cannot read {spec!r}; use {NETWORK_HELP}") from None
-        if latency < 0 or bandwidth <= 0:
+        if not (math.isfinite(latency) and math.isfinite(bandwidth)) or latency < 0 or bandwidth <= 0:
             raise UsageError("network", f"latency must be >= 0 and bandwidth > 0 in {spec!r}")
         return NetworkModel(f"custom:{spec}", latency, bandwidth)
     raise UsageError("network", f"unknown network {spec!r}; use {NETWORK_HELP}")

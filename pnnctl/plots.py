@@ -8,6 +8,7 @@ atomic write, so a reader never sees half a PNG.
 from __future__ import annotations
 
 import io
+import json
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -181,13 +182,17 @@ def _draw_curves(
     cells: pd.DataFrame,
     labels: dict[str, str],
     styles: dict[str, dict[str, str]],
+    y_column: str = "test_acc",
+    y_scale: float = 100.0,
 ) -> list[float]:
-    """Mean accuracy (%) with a ±std band per cell; returns every x drawn (for axis scaling)."""
+    """Mean of ``y_column`` (accuracy in % by default) with a ±std band per cell; returns every x drawn."""
     drawn: list[float] = []
     for cell in cells["cell"]:
-        rows = metrics[metrics["cell"] == cell]
+        rows = metrics[(metrics["cell"] == cell) & metrics[y_column].notna()]
+        if rows.empty:
+            continue
         curves = [
-            (group[x_column].to_numpy(float), group["test_acc"].to_numpy(float) * 100.0)
+            (group[x_column].to_numpy(float), group[y_column].to_numpy(float) * y_scale)
             for _, group in rows.groupby("run_id", sort=True)
         ]
         x, mean, std = mean_curve(curves)
@@ -264,6 +269,35 @@ def _fig_acc_vs_time(
         "projected time: compute + communication (s)",
         "test accuracy (%)",
     )
+    return fig
+
+
+#: Strategy extras that get a figure of their own (log scale) when a folder's runs report them.
+EXTRA_FIGURES: dict[str, str] = {
+    "consensus_error": "consensus error (mean squared distance of agents to their average)",
+}
+
+
+def _extras_column(metrics: pd.DataFrame, key: str) -> pd.Series:
+    def pick(text: object) -> float:
+        try:
+            value = json.loads(str(text)).get(key)
+        except (json.JSONDecodeError, AttributeError):
+            return float("nan")
+        return float(value) if isinstance(value, int | float) else float("nan")
+
+    return metrics["extras"].map(pick) if "extras" in metrics else pd.Series(np.nan, index=metrics.index)
+
+
+def _fig_extra(metrics: pd.DataFrame, cells: pd.DataFrame, labels: dict, styles: dict, key: str) -> Figure:
+    fig, (by_epoch, by_bytes) = plt.subplots(1, 2, figsize=(11, 4.5))
+    _draw_curves(by_epoch, metrics, "epoch", cells, labels, styles, y_column=key, y_scale=1.0)
+    drawn = _draw_curves(by_bytes, metrics, "mb_sent_max_worker", cells, labels, styles, y_column=key, y_scale=1.0)
+    scale = _set_log_x(by_bytes, drawn)
+    for ax in (by_epoch, by_bytes):
+        ax.set_yscale("log")
+    _finish(by_epoch, f"{key} vs epoch", "epoch", EXTRA_FIGURES[key])
+    _finish(by_bytes, f"{key} vs data sent", f"data sent by the busiest worker (MB, {scale})", key)
     return fig
 
 
@@ -459,6 +493,13 @@ def plot_folder(
             written += _save(time_fig, figures, "acc_vs_time", formats)
             written += _save(_fig_pareto(summary, labels, styles), figures, "pareto", formats)
             written += _save(_fig_memory(summary, labels, styles), figures, "memory", formats)
+            for key in EXTRA_FIGURES:
+                metrics[key] = _extras_column(metrics, key)
+                # Evaluations before any training (epoch 0) sit at float noise on a log axis; skip them.
+                positive = (metrics[key] > 0) & (metrics["epoch"] > 0)
+                if positive.any():
+                    shown = metrics[positive]
+                    written += _save(_fig_extra(shown, cells, labels, styles, key), figures, key, formats)
             if runs["workers"].nunique() > 1:
                 colors = strategy_colors(cells["strategy"].astype(str))
                 written += _save(_fig_scaling(runs, colors), figures, "scaling", formats)

@@ -40,9 +40,12 @@ from pnnctl.schema import METRIC_COLUMNS
 from pnnctl.training import evaluate, model_is_finite
 from pnnctl.workers import Comm, Ledger, LocalComm, WorkerGroup
 from strategies import get_strategy
-from strategies.base import StrategyContext
+from strategies.base import RoundResult, StrategyContext
 
 CHECKPOINT_FORMAT = 1
+
+#: Files of a run folder that belong to the trainer; strategy artifacts may not take these names.
+RESERVED_FILES = frozenset({"metrics.csv", "summary.json", "config.toml", "env.json", "checkpoint.pt"})
 
 #: Config fields that may change between a run and its resumption without changing its results.
 RESUMABLE_CHANGES = frozenset({"out", "device", "timeout_s", "epochs", "budget", "target_acc", "checkpoint_every"})
@@ -91,7 +94,7 @@ class LoopState:
     loss_sum: float = 0.0
     loss_rounds: int = 0
     phase: str = "train"
-    extras: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, float | str] = field(default_factory=dict)
 
 
 class StopRequest:
@@ -262,7 +265,17 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     with open(path, encoding="utf-8", newline="") as handle:
-        return list(csv.DictReader(handle))
+        return [{key: _typed(value) for key, value in row.items()} for row in csv.DictReader(handle)]
+
+
+def _typed(text: str) -> Any:
+    """A CSV cell back to the int or float it was written from (text stays text)."""
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except (TypeError, ValueError):
+            continue
+    return text
 
 
 def _rewrite_rows(path: Path, rows: list[dict[str, Any]]) -> None:
@@ -369,6 +382,10 @@ def train(
         env = environment(config, runtime, device, backend)
         env["shards"] = shard_stats(data.y_train, shards, data.n_classes)
         atomic_write_text(run_dir / "env.json", json.dumps(env, indent=2) + "\n")
+        for name, text in strategy.artifacts().items():
+            if "/" in name or name.startswith(".") or name in RESERVED_FILES:
+                raise ValueError(f"strategy {config.strategy} asked for an artifact named {name!r}")
+            atomic_write_text(run_dir / name, text)
 
     footprint = strategy.footprint()
     n_train = len(y_train)
@@ -447,6 +464,7 @@ def train(
     if state.round == 0 and not rows:
         emit(make_row("running"))
         state.next_eval_epoch = config.eval_every
+        checkpoint()  # so that a run diverging in its first round still has a good checkpoint
 
     status = "running"
     with StopRequest() as stop:
@@ -457,8 +475,14 @@ def train(
                 break
             started = time.perf_counter()
             collectives_before = group.collective_s
-            with autocast:
-                result = strategy.run_round()
+            try:
+                with autocast:
+                    result = strategy.run_round()
+            except RuntimeError as exc:
+                # torch refuses a float32 overflow (say, Adam's lr / (1 - beta1) past 3.4e38): that is divergence.
+                if "overflow" not in str(exc):
+                    raise
+                result = RoundResult(loss=float("inf"), samples=0)
             state.compute_s += time.perf_counter() - started
             state.collective_s += group.collective_s - collectives_before
             ledger.end_round()
@@ -478,8 +502,8 @@ def train(
             epoch = state.samples / n_train
             done = _budget_reached(config, state, ledger, n_train) or strategy.is_done()
             if done or epoch >= state.next_eval_epoch - 1e-9:
-                while state.next_eval_epoch <= epoch + 1e-9:
-                    state.next_eval_epoch += config.eval_every
+                # The next multiple of eval_every after this epoch (a round may cross several).
+                state.next_eval_epoch = (math.floor(epoch / config.eval_every + 1e-9) + 1) * config.eval_every
                 state.wall_s += time.perf_counter() - started
                 row = make_row("finished" if done else "running")
                 started = time.perf_counter()

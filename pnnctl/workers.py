@@ -233,6 +233,8 @@ class WorkerGroup:
     @_timed
     def all_reduce(self, t: Tensor, op: str = "mean", tag: str = "all_reduce") -> Tensor:
         """Sum or mean over all N workers; every worker gets the result. ``t`` is ``[n_local, ...]``."""
+        if op not in ("mean", "sum"):
+            raise ValueError(f"all_reduce op must be 'sum' or 'mean', not {op!r}")
         n = self.n_workers
         per_worker, messages = ring_all_reduce_bytes(n, tensor_bytes(t))
         sent = self.ledger.zeros()
@@ -253,6 +255,8 @@ class WorkerGroup:
 
         Returns one reduced tensor per input, shaped like a single worker's slice (views of one buffer).
         """
+        if op not in ("mean", "sum"):
+            raise ValueError(f"all_reduce op must be 'sum' or 'mean', not {op!r}")
         n = self.n_workers
         flat = torch.cat([t.reshape(self.n_local, -1) for t in tensors], dim=1)
         per_worker, messages = ring_all_reduce_bytes(n, tensor_bytes(flat))
@@ -281,6 +285,8 @@ class WorkerGroup:
         Ledger: one ring all-reduce of ``sum(sizes)`` elements per worker. With one worker per process
         the buffer itself goes on the wire, with no copy in or out.
         """
+        if op not in ("mean", "sum"):
+            raise ValueError(f"all_reduce op must be 'sum' or 'mean', not {op!r}")
         n = self.n_workers
         per_worker, messages = ring_all_reduce_bytes(n, sum(sizes) * flat.element_size())
         sent, msgs = self.ledger.zeros(), self.ledger.zeros()

@@ -48,7 +48,7 @@ class RoundResult:
     loss: float
     samples: int
     phase: str = "train"
-    extras: dict[str, float] = field(default_factory=dict)
+    extras: dict[str, float | str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -88,8 +88,15 @@ class Strategy(ABC):
     @abstractmethod
     def footprint(self) -> Footprint: ...
 
-    def eval_extras(self) -> dict[str, float]:
+    def eval_extras(self) -> dict[str, float | str]:
         """Strategy-specific figures computed at evaluation time (consensus error, ...)."""
+        return {}
+
+    def artifacts(self) -> dict[str, str]:
+        """Text files describing the run's fixed structure (a graph, a label table), by file name.
+
+        The trainer writes them into the run folder once, after setup; strategies never write files.
+        """
         return {}
 
     def is_done(self) -> bool:

@@ -62,9 +62,9 @@ squared loss as half the squared error to one-hot targets; the evaluated model i
 Metrics (extras at every evaluation): ``consensus_error`` = mean_i ||w_i - w_bar||^2, ``tracking_error``
 = mean_i ||N y_i - sum_j grad g_j(w_j)||^2 (NEXT), the agents' own test accuracies ``agent_acc_min /
 _mean / _max / _std``, ``spectral_gap``, ``alpha``, ``iteration``, ``zero_fraction`` (reg=l1: exact zeros
-of the average model); the first row also carries the graph (``graph_edges``: the base graph's edges as
-"i-j" pairs, the iteration-0 graph for random-er; ``graph_degree_min/max``) so the run folder records
-it. The graph of every iteration is ``strategies.graphs.GraphSequence(topology, N, graph_seed, window,
+of the average model); the first row also carries ``graph_degree_min/max``. The run folder gets
+``graph.json`` (through ``artifacts()``): the base graph's edges (the iteration-0 graph for random-er),
+its Metropolis-Hastings weights and spectral gap. The graph of every iteration is ``strategies.graphs.GraphSequence(topology, N, graph_seed, window,
 base).at(n)``, a pure function of the iteration, so resumed runs and every rank agree on it.
 
 Notes. With reg=l1 the surrogate solutions w^_i have exact zeros; the iterates w_i get them when
@@ -85,6 +85,7 @@ Run it::
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -101,7 +102,7 @@ from pnnctl.training import ShardSampler
 from pnnctl.workers import WorkerGroup
 from strategies import register
 from strategies.base import Footprint, RoundResult, Strategy, StrategyContext
-from strategies.graphs import GraphSequence, edge_list, parse_topology
+from strategies.graphs import GraphSequence, edge_list, metropolis_hastings, parse_topology
 
 #: ``w -> (grad g_i(w_i) [n_local, P], mean loss of each agent [n_local])``
 GradFn = Callable[[Tensor], tuple[Tensor, Tensor]]
@@ -447,12 +448,29 @@ class GraphStrategy(Strategy):
         if self.options.reg == "l1":
             extras["zero_fraction"] = float((mean == 0).double().mean())
         if self.iteration == 0:
-            base = self.graphs.base if self.graphs.topology.family != "random-er" else self.graphs.at(0)
-            extras["graph_edges"] = " ".join(f"{i}-{j}" for i, j in edge_list(base))
-            degree = base.sum(dim=1)
+            degree = self._first_graph().sum(dim=1)
             extras["graph_degree_min"] = float(degree.min())
             extras["graph_degree_max"] = float(degree.max())
         return extras
+
+    def _first_graph(self) -> Tensor:
+        return self.graphs.base if self.graphs.topology.family != "random-er" else self.graphs.at(0)
+
+    def artifacts(self) -> dict[str, str]:
+        """``graph.json``: the (base) graph's edges and Metropolis-Hastings weights, and its spectral gap."""
+        graph = self._first_graph()
+        weights = metropolis_hastings(graph)
+        record = {
+            "topology": self.graphs.topology.text,
+            "agents": self.graphs.n,
+            "graph_seed": self.options.graph_seed,
+            "time_varying": self.graphs.time_varying,
+            "note": "time-varying families: the base graph (random-er: the first iteration's graph)",
+            "edges": [list(e) for e in edge_list(graph)],
+            "weights": [[round(float(w), 12) for w in row] for row in weights],
+            "spectral_gap": self.spectral_gap,
+        }
+        return {"graph.json": json.dumps(record, indent=1) + "\n"}
 
     @property
     def spectral_gap(self) -> float:

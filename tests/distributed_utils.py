@@ -6,6 +6,7 @@ runs go through ``pnnctl train --nproc P`` in a subprocess, the real user path.
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -19,6 +20,17 @@ from pnnctl.config import RunConfig, config_to_dict, to_toml
 #: Columns that depend on the clock or the process layout, not on the training.
 NONDETERMINISTIC = {"wall_s", "compute_s", "collective_s", "projected_s", "peak_rss_bytes", "world_size", "backend",
                     "wire_bytes_sent_max_rank", "run_id"}
+
+
+def assert_extras_close(simulated: dict, distributed: dict, tol: float = 1e-5) -> None:
+    """Strategy extras agree: numbers within a relative 1e-5 (summation order differs), text exactly."""
+    assert simulated.keys() == distributed.keys()
+    for key, value in simulated.items():
+        other = distributed[key]
+        if isinstance(value, int | float) and isinstance(other, int | float):
+            assert abs(value - other) <= tol * max(1.0, abs(value)), f"extras[{key}]: {value} vs {other}"
+        else:
+            assert value == other, f"extras[{key}]: {value!r} vs {other!r}"
 
 
 def run_cli(args: list[str], timeout: float = 240, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -90,7 +102,10 @@ def assert_simulated_equals_distributed(config: RunConfig, tmp_path: Path, nproc
     for column in sim_rows.columns:
         if column in NONDETERMINISTIC:
             continue
-        if pd.api.types.is_numeric_dtype(sim_rows[column]):
+        if column == "extras":
+            for sim_text, dist_text in zip(sim_rows[column], dist_rows[column], strict=True):
+                assert_extras_close(json.loads(sim_text), json.loads(dist_text))
+        elif pd.api.types.is_numeric_dtype(sim_rows[column]):
             diff = (sim_rows[column].astype(float) - dist_rows[column].astype(float)).abs().max()
             scale = max(1.0, float(sim_rows[column].abs().max()))
             assert diff <= 1e-5 * scale, f"{column}: simulated and distributed differ by {diff}"

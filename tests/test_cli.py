@@ -1,0 +1,200 @@
+"""The command line: every user mistake is exit 2 and one ``error:`` line; list and --format json."""
+
+from __future__ import annotations
+
+import json
+import math
+import struct
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from pnnctl.data import DATASETS
+from strategies import STRATEGIES
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+TINY = ["--dataset", "digits", "--model", "mlp:64-16-10", "--epochs", "0.1", "--device", "cpu"]
+
+
+def idx_file(path: Path, array: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = struct.pack(">I", 0x0800 | array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def corrupt_mnist(root: Path) -> Path:
+    """A complete MNIST folder whose training images file is garbage."""
+    raw = root / "MNIST" / "raw"
+    idx_file(raw / "train-labels-idx1-ubyte", np.arange(20) % 10)
+    idx_file(raw / "t10k-images-idx3-ubyte", np.zeros((10, 28, 28)))
+    idx_file(raw / "t10k-labels-idx1-ubyte", np.arange(10))
+    (raw / "train-images-idx3-ubyte").write_bytes(b"this is not an IDX file, just some garbage bytes" * 3)
+    return root
+
+
+# Each case: (id, argv built from tmp_path and monkeypatch, what the error line starts with or contains).
+Case = tuple[str, Callable[[Path, pytest.MonkeyPatch], list[str]], str]
+
+BAD_INPUTS: list[Case] = [
+    ("unknown strategy", lambda t, m: ["train", "--strategy", "gossip-magic", *TINY], "error: strategy:"),
+    ("unknown dataset", lambda t, m: ["train", *TINY, "--dataset", "imagenet"], "error: dataset:"),
+    ("unknown emnist split", lambda t, m: ["train", *TINY, "--dataset", "emnist-shapes"], "error: dataset:"),
+    ("unknown model family", lambda t, m: ["train", *TINY, "--model", "transformer:3"], "error: model:"),
+    ("model does not fit the data", lambda t, m: ["train", *TINY, "--model", "mlp:784-32-10"], "error: model:"),
+    ("lenet on 8x8 digits", lambda t, m: ["train", *TINY, "--model", "lenet"], "error: model:"),
+    ("zero workers", lambda t, m: ["train", *TINY, "--strategy", "allreduce", "--workers", "0"], "error: workers:"),
+    ("negative lr", lambda t, m: ["train", *TINY, "--lr", "-0.1"], "error: lr:"),
+    ("zero epochs", lambda t, m: ["train", *TINY, "--epochs", "0"], "error: epochs:"),
+    ("non-numeric workers", lambda t, m: ["train", *TINY, "--workers", "four"], "error: "),
+    ("unknown flag", lambda t, m: ["train", *TINY, "--turbo"], "error: "),
+    (
+        "bad TOML file",
+        lambda t, m: ["train", *TINY, "--config", str(_write(t / "bad.toml", "lr = = 0.1\n[unclosed"))],
+        "error: config:",
+    ),
+    ("missing TOML file", lambda t, m: ["train", *TINY, "--config", str(t / "nope.toml")], "error: "),
+    ("unknown --set key", lambda t, m: ["train", *TINY, "--set", "learning_rate=0.1"], "error: learning_rate:"),
+    (
+        "unknown strategy option",
+        lambda t, m: ["train", *TINY, "--strategy", "local-sgd", "--set", "local-sgd.bogus=1"],
+        "error: local-sgd.bogus:",
+    ),
+    ("malformed --set", lambda t, m: ["train", *TINY, "--set", "lr"], "error: set:"),
+    ("missing data dir for mnist", lambda t, m: _mnist_with_data_env(t / "empty", m), "MNIST"),
+    ("no data dir at all for mnist", lambda t, m: _mnist_with_data_env(None, m), "error: data_dir:"),
+    (
+        "corrupt IDX file",
+        lambda t, m: ["train", *TINY, "--dataset", "mnist", "--model", "mlp", "--data-dir", str(corrupt_mnist(t))],
+        "train-images-idx3-ubyte",
+    ),
+    ("negative dirichlet alpha", lambda t, m: ["train", *TINY, "--sharding", "dirichlet:-1"], "error: sharding:"),
+    ("unknown sharding", lambda t, m: ["train", *TINY, "--sharding", "round-robin"], "error: sharding:"),
+    ("unknown network", lambda t, m: ["train", *TINY, "--network", "moon"], "error: network:"),
+    ("negative byte budget", lambda t, m: ["train", *TINY, "--budget", "bytes=-5"], "error: budget:"),
+    ("unknown budget kind", lambda t, m: ["train", *TINY, "--budget", "joules=5"], "error: budget:"),
+    ("unknown optimizer", lambda t, m: ["train", *TINY, "--optimizer", "lbfgs"], "error: optimizer:"),
+    ("target accuracy above 1", lambda t, m: ["train", *TINY, "--target-acc", "1.5"], "error: target_acc:"),
+    ("unknown output format", lambda t, m: ["train", *TINY, "--format", "xml"], "error: format:"),
+    ("unknown device", lambda t, m: ["train", *TINY, "--device", "tpu"], "error: device:"),
+    (
+        "plot on a folder that holds no results",
+        lambda t, m: ["plot", str(_write(t / "notes" / "readme.txt", "hello").parent)],
+        "error: ",
+    ),
+    ("list of an unknown section", lambda t, m: ["list", "gpus"], "error: list:"),
+]
+
+
+def _mnist_with_data_env(folder: Path | None, monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """``--dataset mnist`` with $PNNCTL_DATA an empty folder, or unset."""
+    if folder is None:
+        monkeypatch.delenv("PNNCTL_DATA", raising=False)
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        monkeypatch.setenv("PNNCTL_DATA", str(folder))
+    return ["train", *TINY, "--dataset", "mnist", "--model", "mlp"]
+
+
+def _write(path: Path, text: str) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.mark.parametrize(("argv", "expected"), [c[1:] for c in BAD_INPUTS], ids=[c[0] for c in BAD_INPUTS])
+def test_bad_input_exits_2_with_one_error_line(
+    argv: Callable[[Path, pytest.MonkeyPatch], list[str]], expected: str, cli, tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    monkeypatch.chdir(tmp_path)
+    args = argv(tmp_path, monkeypatch)
+    if args[0] == "train":
+        args += ["--out", str(tmp_path / "out")]
+    result = cli(*args)
+    assert result.code == 2, result.err
+    assert len(result.err_lines) == 1, result.err
+    line = result.err_lines[0]
+    assert line.startswith("error: "), line
+    assert line.startswith(expected) or expected in line, line
+    assert "Traceback" not in result.err + result.out
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").rglob("metrics.csv"))
+
+
+def test_cuda_device_without_cuda_exits_2(cli, tmp_path: Path) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present")
+    result = cli("train", *TINY, "--device", "cuda", "--out", str(tmp_path))
+    assert result.code == 2
+    assert len(result.err_lines) == 1
+    assert result.err_lines[0].startswith("error: device:")
+
+
+def test_bad_input_tables_have_at_least_twelve_cases() -> None:
+    assert len(BAD_INPUTS) >= 12
+    assert len({c[0] for c in BAD_INPUTS}) == len(BAD_INPUTS)
+
+
+def test_list_prints_every_registered_strategy(cli) -> None:
+    everything = cli("list")
+    assert everything.code == 0
+    strategies = cli("list", "strategies")
+    assert strategies.code == 0
+    assert STRATEGIES
+    for name in STRATEGIES:
+        assert name in everything.out
+        assert name in strategies.out
+    datasets = cli("list", "datasets")
+    for name in DATASETS:
+        assert name in datasets.out
+
+
+def test_train_format_json_prints_the_summary_with_a_numeric_final_accuracy(cli, tmp_path: Path) -> None:
+    result = cli("train", "--strategy", "allreduce", "--workers", "2", *TINY, "--epochs", "1",
+                 "--out", str(tmp_path), "--format", "json")  # fmt: skip
+    assert result.code == 0, result.err
+    summary = json.loads(result.out)
+    final_acc = summary["final"]["test_acc"]
+    assert isinstance(final_acc, int | float) and not isinstance(final_acc, bool)
+    assert 0.0 <= final_acc <= 1.0
+    assert summary["status"] == "finished"
+    on_disk = json.loads((tmp_path / "allreduce-w2-s0" / "summary.json").read_text())
+    assert on_disk["final"]["test_acc"] == final_acc
+    assert summary["best_test_acc"] == on_disk["best_test_acc"]
+
+
+DIVERGING = ["train", "--strategy", "allreduce", "--workers", "2", "--dataset", "digits", "--model", "mlp:64-32-10",
+             "--epochs", "1", "--lr", "1e8", "--set", "allreduce.steps_per_round=1", "--device", "cpu"]  # fmt: skip
+
+
+def _strict_json(text: str):
+    def refuse(constant: str):
+        raise ValueError(f"{constant} is not JSON")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def test_train_format_json_of_a_diverged_run_is_standard_json(cli, tmp_path: Path) -> None:
+    result = cli(*DIVERGING, "--out", str(tmp_path), "--format", "json")
+    assert json.loads(result.out)["status"] == "diverged"  # the lenient parser reads it
+    summary = _strict_json(result.out)
+    assert summary["final"]["test_acc"] is None or math.isnan(float(summary["final"]["test_acc"]))
+
+
+@pytest.mark.parametrize(
+    ("optimizer", "lr"), [("sgd", "1e39"), ("adam", "1e38")], ids=["sgd-lr-beyond-float32", "adam-step-beyond-float32"]
+)
+def test_an_lr_beyond_float32_range_is_refused_or_diverges(optimizer: str, lr: str, cli, tmp_path: Path) -> None:
+    result = cli("train", "--strategy", "allreduce", "--workers", "2", *TINY, "--optimizer", optimizer,
+                 "--lr", lr, "--out", str(tmp_path))  # fmt: skip
+    assert result.code in (2, 3)
+    assert "error:" in result.err or "diverged" in result.err
+
+
+def test_a_seed_beyond_64_bits_is_a_usage_error(cli, tmp_path: Path) -> None:
+    result = cli("train", *TINY, "--seed", str(2**64), "--out", str(tmp_path))
+    assert result.code == 2
+    assert result.err_lines[-1].startswith("error: seed:")
