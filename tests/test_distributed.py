@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from distributed_utils import assert_simulated_equals_distributed, run_cli
 
+from distributed_utils import assert_simulated_equals_distributed, run_cli
 from pnnctl.config import RunConfig
 
 pytestmark = pytest.mark.distributed
