@@ -65,7 +65,8 @@ _mean / _max / _std``, ``spectral_gap``, ``alpha``, ``iteration``, ``zero_fracti
 of the average model); the first row also carries ``graph_degree_min/max``. The run folder gets
 ``graph.json`` (through ``artifacts()``): the base graph's edges (the iteration-0 graph for random-er),
 its Metropolis-Hastings weights and spectral gap. The graph of every iteration is
-``strategies.graphs.GraphSequence(topology, N, graph_seed, window, base).at(n)``, a pure function of the iteration, so resumed runs and every rank agree on it.
+``strategies.graphs.GraphSequence(topology, N, graph_seed, window, base).at(n)``, a pure function of the
+iteration, so resumed runs and every rank agree on it.
 
 Notes. With reg=l1 the surrogate solutions w^_i have exact zeros; the iterates w_i get them when
 alpha = 1 (z_i = w^_i), while alpha < 1 only shrinks a weight geometrically towards zero. NEXT draws
