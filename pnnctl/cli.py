@@ -219,6 +219,10 @@ def compare(
     seeds: Annotated[int | None, typer.Option(help="seeds per cell: 0..K-1 (default 1)")] = None,
     datasets: Annotated[str | None, typer.Option(help="comma-separated datasets")] = None,
     name: Annotated[str | None, typer.Option(help="grid folder name under --out (default: compare)")] = None,
+    vary: Annotated[
+        list[str] | None,
+        typer.Option("--vary", help="grid axis over an option: KEY=V1,V2 (e.g. consensus.topology=ring,star)"),
+    ] = None,
     model: ModelOpt = None,
     epochs: EpochsOpt = None,
     batch_size: BatchOpt = None,
@@ -251,7 +255,9 @@ def compare(
         out=out, target_acc=target_acc, sharding=sharding, data_dir=data_dir, network=network,
         budget=budget, eval_every=eval_every, nproc=nproc,
     )
-    grid_flags = GridSpec.from_flags(strategies=strategies, workers=workers, seeds=seeds, datasets=datasets, name=name)
+    grid_flags = GridSpec.from_flags(
+        strategies=strategies, workers=workers, seeds=seeds, datasets=datasets, name=name, vary=vary
+    )
     outcome = compare_from_cli(config, flags, set_ or [], grid_flags, plots=not no_plots, argv=sys.argv,
                                progress_factory=CliProgress, console=console)
     if fmt == "json":
@@ -261,7 +267,13 @@ def compare(
 
         # The terminal gets the headline columns; summary.csv and report.md hold all of them.
         headline = ("strategy", "workers", "final acc", "best acc", "MB sent/worker", "projected s", "reached")
-        rows = [{k: v for k, v in row.items() if k.startswith(headline)} for row in render_table(outcome.cells)]
+        rows = []
+        for row in render_table(outcome.cells):
+            short = {k: v for k, v in row.items() if k.startswith(headline)}
+            parts = row.get("cell", "").split("/")
+            if len(parts) > 4:  # a --vary grid: show which option values the cell ran with
+                short = {"strategy": short.pop("strategy"), "variant": parts[-1], **short}
+            rows.append(short)
         if rows:
             table = Table(title=f"{outcome.folder} ({outcome.aggregate_note})")
             for col in rows[0]:

@@ -11,6 +11,7 @@ a failed or diverged one is recorded and the rest go on. A lock file refuses a s
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import time
@@ -22,12 +23,21 @@ from typing import Any
 
 import pandas as pd
 
-from pnnctl.config import RunConfig, config_from_dict, load_toml, resolve_layers, to_toml
+from pnnctl.config import (
+    RunConfig,
+    config_from_dict,
+    load_toml,
+    merge_layers,
+    parse_set_value,
+    resolve_layers,
+    split_sections,
+    to_toml,
+)
 from pnnctl.errors import UsageError
 from pnnctl.io import atomic_write_text
 from pnnctl.network import NETWORK_PRESETS, NetworkModel
 
-GRID_KEYS = ("strategies", "workers", "seeds", "datasets", "name")
+GRID_KEYS = ("strategies", "workers", "seeds", "datasets", "name", "vary")
 
 
 @dataclass(frozen=True)
@@ -37,6 +47,9 @@ class GridSpec:
     seeds: int = 1
     datasets: tuple[str, ...] = ()
     name: str = "compare"
+    #: option -> values: each strategy's cells are repeated for every combination of the values of
+    #: the keys that apply to it (run fields, or its own STRATEGY.OPTION keys).
+    vary: tuple[tuple[str, tuple[Any, ...]], ...] = ()
 
     @staticmethod
     def from_flags(**values: Any) -> dict[str, Any]:
@@ -47,6 +60,8 @@ class GridSpec:
                 continue
             if key in ("strategies", "datasets"):
                 out[key] = [v.strip() for v in str(value).split(",") if v.strip()]
+            elif key == "vary":
+                out[key] = dict(parse_vary(item) for item in value)
             elif key == "workers":
                 try:
                     out[key] = [int(v) for v in str(value).split(",") if v.strip()]
@@ -69,6 +84,7 @@ class GridSpec:
             seeds=values.get("seeds", GridSpec.seeds),
             datasets=tuple(values.get("datasets", ())),
             name=values.get("name", GridSpec.name),
+            vary=_vary_items(values.get("vary", {})),
         )
         if not spec.strategies:
             raise UsageError("strategies", "name at least one strategy")
@@ -133,6 +149,45 @@ def _alive(pid: int) -> bool:
     return pid != os.getpid() or True
 
 
+def parse_vary(text: str) -> tuple[str, list[Any]]:
+    """``consensus.topology=ring,erdos-renyi:0.3`` or ``lr=[0.05, 0.1]`` -> (key, values)."""
+    key, sep, value = str(text).partition("=")
+    if not sep or not key.strip() or not value.strip():
+        raise UsageError("vary", f"expected KEY=V1,V2,... or KEY=[V1, V2], not {text!r}")
+    parsed = parse_set_value(value.strip())
+    values = parsed if isinstance(parsed, list) else [parse_set_value(v.strip()) for v in value.split(",")]
+    return key.strip(), values
+
+
+def _vary_items(vary: Any) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    if not isinstance(vary, dict):
+        raise UsageError("vary", "must be a table of KEY = [values]")
+    items = []
+    for key, values in vary.items():
+        values = values if isinstance(values, list) else [values]
+        if not values:
+            raise UsageError("vary", f"{key} needs at least one value")
+        items.append((str(key), tuple(values)))
+    return tuple(items)
+
+
+def _variants(strategy: str, vary: tuple[tuple[str, tuple[Any, ...]], ...]) -> list[dict[str, Any]]:
+    """The option combinations that apply to one strategy (keys of other strategies are skipped)."""
+    from strategies import STRATEGIES
+
+    applicable = [(k, v) for k, v in vary if "." not in k or k.split(".")[0] in (strategy, "synthetic")]
+    for key, _ in vary:
+        if "." in key and key.split(".")[0] not in (*STRATEGIES, "synthetic"):
+            raise UsageError("vary", f"{key}: the section must be a strategy or synthetic")
+    return [dict(zip([k for k, _ in applicable], combo, strict=True))
+            for combo in itertools.product(*(values for _, values in applicable))]
+
+
+def _slug(variant: dict[str, Any]) -> str:
+    text = ",".join(f"{key.split('.')[-1]}={value}" for key, value in variant.items())
+    return "".join(ch if ch.isalnum() or ch in "=.,:+-_" else "_" for ch in text)
+
+
 def cell_configs(layers: dict[str, Any], grid: GridSpec, folder: Path) -> list[RunConfig]:
     """Every run of the grid, validated before any of them starts."""
     from strategies import get_strategy
@@ -143,19 +198,35 @@ def cell_configs(layers: dict[str, Any], grid: GridSpec, folder: Path) -> list[R
         for strategy in grid.strategies:
             get_strategy(strategy)
             worker_counts = (1,) if get_strategy(strategy).single_worker else grid.workers
-            for workers in worker_counts:
-                for seed in range(grid.seeds):
-                    values = dict(layers)
-                    values.update(
-                        strategy=strategy,
-                        dataset=dataset,
-                        workers=workers,
-                        seed=seed,
-                        out=str(folder / "runs"),
-                        run_name=f"{strategy}-{dataset}-w{workers}-s{seed}",
-                    )
-                    configs.append(config_from_dict(values))
+            for variant in _variants(strategy, grid.vary):
+                label = _slug(variant)
+                for workers in worker_counts:
+                    for seed in range(grid.seeds):
+                        values = merge_layers(dict(layers), split_sections(_nest(variant), "--vary"))
+                        values.update(
+                            strategy=strategy,
+                            dataset=dataset,
+                            workers=workers,
+                            seed=seed,
+                            out=str(folder / "runs"),
+                            variant=label,
+                            run_name="-".join(
+                                [strategy, dataset, f"w{workers}", *([label] if label else []), f"s{seed}"]
+                            ),
+                        )
+                        configs.append(config_from_dict(values))
     return configs
+
+
+def _nest(flat: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in flat.items():
+        section, _, name = key.rpartition(".")
+        if section:
+            out.setdefault(section, {})[name] = value
+        else:
+            out[key] = value
+    return out
 
 
 def _cell_state(config: RunConfig) -> str:
@@ -304,6 +375,8 @@ def _grid_toml(layers: dict[str, Any], grid: GridSpec) -> str:
         "datasets": list(grid.datasets),
         "name": grid.name,
     }
+    if grid.vary:
+        values["compare"]["vary"] = {key: list(vals) for key, vals in grid.vary}
     for strategy, table in layers.get("options", {}).items():
         values[strategy] = table
     return to_toml(values)

@@ -92,6 +92,8 @@ class RunConfig:
     """results folder"""
     run_name: str = ""
     """run folder name (default: STRATEGY-wN-sSEED)"""
+    variant: str = ""
+    """label of the option values a compare grid varies for this run (set by compare --vary)"""
     checkpoint_every: int = 1
     """rounds between checkpoints"""
     nproc: int = 1
@@ -287,7 +289,7 @@ def validate(config: RunConfig) -> RunConfig:
     return config
 
 
-def _split_sections(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
+def split_sections(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
     """Flatten a TOML document into RunConfig keyword values (tables become nested dicts)."""
     from strategies import STRATEGIES
 
@@ -353,11 +355,11 @@ def parse_set(assignments: list[str]) -> dict[str, Any]:
     return out
 
 
-def _merge(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
+def merge_layers(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, Any]:
     merged = dict(base)
     for key, value in update.items():
         if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
-            merged[key] = _merge(dict(merged[key]), value)
+            merged[key] = merge_layers(dict(merged[key]), value)
         else:
             merged[key] = value
     return merged
@@ -375,11 +377,11 @@ def resolve_layers(
     """
     layered: dict[str, Any] = {"options": {}}
     if file_values:
-        layered = _merge(layered, _split_sections(file_values, source))
+        layered = merge_layers(layered, split_sections(file_values, source))
     if flags:
-        layered = _merge(layered, {k: v for k, v in flags.items() if v is not None})
+        layered = merge_layers(layered, {k: v for k, v in flags.items() if v is not None})
     if assignments:
-        layered = _merge(layered, _split_sections(parse_set(assignments), "--set"))
+        layered = merge_layers(layered, split_sections(parse_set(assignments), "--set"))
     return layered
 
 
@@ -417,6 +419,8 @@ def _toml_value(value: Any) -> str:
         return repr(value)
     if isinstance(value, list | tuple):
         return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, Mapping):  # an inline table; keys quoted since they may hold dots
+        return "{" + ", ".join(f"{_toml_value(str(k))} = {_toml_value(v)}" for k, v in value.items()) + "}"
     # A JSON string is a valid TOML basic string, once DEL (which JSON leaves raw) is escaped too.
     return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 #: since the start of the run; ``*_max_worker`` is the busiest logical worker.
 METRIC_COLUMNS: tuple[str, ...] = (
     "run_id",
+    "cell",  # the comparison cell: strategy/dataset/model/wN, plus /VARIANT when a grid varies options
     "strategy",
     "dataset",
     "model",

@@ -400,6 +400,10 @@ def train(
         per_rank = shared_comm.gather_floats([float(peak_memory_bytes(device)), shared_comm.wire_bytes_sent])
         row = {
             "run_id": config.run_id,
+            "cell": "/".join(
+                [config.strategy, config.dataset, config.model, f"w{n_workers}"]
+                + ([config.variant] if config.variant else [])
+            ),
             "strategy": config.strategy,
             "dataset": config.dataset,
             "model": config.model,

@@ -92,3 +92,24 @@ def test_format_json_and_python_api_agree_with_the_table(grid: Path, tmp_path: P
     first_seed = pd.read_csv(grid / "runs" / "allreduce-digits-w2-s0" / "metrics.csv")["test_acc"].iloc[-1]
     assert api_cells["final_acc_mean"].iloc[0] == pytest.approx(first_seed)
     assert expected["n_seeds"] == 2
+
+
+def test_vary_repeats_each_strategys_cells_over_its_own_option_values(tmp_path: Path) -> None:
+    result = run_cli(["compare", "--strategies", "local-sgd,allreduce", "--workers", "2", "--datasets", "digits",
+                      "--model", "mlp:64-32-10", "--epochs", "0.5", "--vary", "local-sgd.local_steps=2,8",
+                      "--vary", "lr=[0.05, 0.1]", "--no-plots", "--out", str(tmp_path)])
+    assert result.returncode == 0, result.stderr
+    summary = pd.read_csv(tmp_path / "compare" / "summary.csv")
+    cells = set(summary["cell"])
+    # local-sgd varies local_steps x lr (4 cells); allreduce only lr (2 cells).
+    assert len(cells) == 6
+    assert "local-sgd/digits/mlp:64-32-10/w2/local_steps=8,lr=0.1" in cells
+    assert "allreduce/digits/mlp:64-32-10/w2/lr=0.05" in cells
+    config = (tmp_path / "compare" / "runs" / "local-sgd-digits-w2-local_steps=8,lr=0.1-s0" / "config.toml").read_text()
+    assert "local_steps = 8" in config and "lr = 0.1" in config
+    bytes_by_steps = {
+        steps: pd.read_csv(tmp_path / "compare" / "runs" / f"local-sgd-digits-w2-local_steps={steps},lr=0.05-s0"
+                           / "metrics.csv")["bytes_sent_max_worker"].iloc[-1]
+        for steps in (2, 8)
+    }
+    assert bytes_by_steps[2] >= 2.5 * bytes_by_steps[8]  # far fewer averages with 4x more local steps
