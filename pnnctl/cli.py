@@ -132,6 +132,7 @@ def train(
     nproc: NprocOpt = None,
     backend: BackendOpt = None,
     fmt: Annotated[str, typer.Option("--format", help="table | json")] = "table",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the resolved config and stop")] = False,
 ) -> None:
     """Train one run into OUT/RUN_NAME/ (metrics.csv, summary.json, config.toml, env.json)."""
     from pnnctl.config import resolve_config
@@ -146,6 +147,11 @@ def train(
     cfg = resolve_config(config, flags, set_ or [])
     if fmt not in ("table", "json"):
         raise UsageError("format", f"must be table or json, not {fmt!r}")
+    if dry_run:
+        from pnnctl.config import config_to_dict, to_toml
+
+        out_console.print(to_toml(config_to_dict(cfg)), highlight=False, markup=False, end="")
+        return
     from pnnctl.launch import run_training
 
     result = run_training(cfg, resume=resume, progress=CliProgress(), argv=sys.argv)
@@ -240,6 +246,7 @@ def compare(
     eval_every: EvalOpt = None,
     nproc: NprocOpt = None,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="skip figures")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list the grid's runs and stop")] = False,
     fmt: Annotated[str, typer.Option("--format", help="table | json")] = "table",
 ) -> None:
     """Run a grid of strategies x workers x seeds x datasets into OUT/NAME/ with a report and plots.
@@ -259,7 +266,9 @@ def compare(
         strategies=strategies, workers=workers, seeds=seeds, datasets=datasets, name=name, vary=vary
     )
     outcome = compare_from_cli(config, flags, set_ or [], grid_flags, plots=not no_plots, argv=sys.argv,
-                               progress_factory=CliProgress, console=console)
+                               progress_factory=CliProgress, console=console, dry_run=dry_run)
+    if outcome is None:
+        return
     if fmt == "json":
         out_console.print_json(json_text(outcome.cells.to_dict(orient="records")))
     else:

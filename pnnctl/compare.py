@@ -392,12 +392,18 @@ def compare_from_cli(
     argv: list[str],
     progress_factory: Callable[[str], Any],
     console: Any,
-) -> CompareOutcome:
+    dry_run: bool = False,
+) -> CompareOutcome | None:
     file_values = load_toml(config_file) if config_file else {}
     grid_values = dict(file_values.pop("compare", {}) or {})
     grid_values.update(grid_flags)
     grid = GridSpec.build(grid_values)
     layers = resolve_layers(file_values, flags, assignments, str(config_file))
+    if dry_run:
+        folder = Path(layers.get("out", "results")) / grid.name
+        for config in cell_configs(layers, grid, folder):
+            console.print(f"{Path(config.out) / config.run_id}  [{_cell_state(config)}]", highlight=False, markup=False)
+        return None
 
     def announce(index: int, total: int, config: RunConfig, state: str) -> None:
         if state == "done":
