@@ -368,6 +368,8 @@ def _published_numbers(strategies: set[str]) -> dict[str, str]:
 
 def _grid_toml(layers: dict[str, Any], grid: GridSpec) -> str:
     values = {k: v for k, v in layers.items() if k not in ("options",) and not isinstance(v, dict)}
+    if layers.get("synthetic"):
+        values["synthetic"] = dict(layers["synthetic"])
     values["compare"] = {
         "strategies": list(grid.strategies),
         "workers": list(grid.workers),

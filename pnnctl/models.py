@@ -9,6 +9,7 @@ workers run as one grouped convolution (``groups=N``). A single model is the cas
 Spec strings (``pnnctl list`` shows them)::
 
     mlp:784-512-512-10                     full widths: input, hidden..., classes
+    mlp:*-512-512-*                        '*' first/last: input size and classes from the data
     mlp:784-512-512-10,act=tanh,bn=batch   options: act=relu|tanh|sigmoid|gelu,
                                            bn=none|batch|running (batch: batch statistics only),
                                            bias=true|false, out_bn=true|false (affine-free BN on logits)
@@ -204,6 +205,9 @@ class ModelFamily:
 
 MODEL_FAMILIES: dict[str, ModelFamily] = {}
 
+#: A width written '*' in a spec: the data's input size (first) or class count (last).
+AUTO_WIDTH = -1
+
 
 def register_model_family(name: str, family: ModelFamily) -> None:
     if name in MODEL_FAMILIES:
@@ -220,11 +224,17 @@ def parse_model_spec(text: str) -> ModelSpec:
         raise UsageError("model", f"unknown model family {family!r}; choose one of: {', '.join(MODEL_FAMILIES)}")
     widths: tuple[int, ...] = ()
     if width_text:
+        parts = width_text.split("-")
+        # '*' as the first or last width means "from the data", so one spec fits several datasets.
         try:
-            widths = tuple(int(part) for part in width_text.split("-"))
+            widths = tuple(
+                AUTO_WIDTH if part == "*" and index in (0, len(parts) - 1) else int(part)
+                for index, part in enumerate(parts)
+            )
         except ValueError:
-            raise UsageError("model", f"widths in {text!r} must be integers joined by '-'") from None
-        if any(w <= 0 for w in widths):
+            msg = f"widths in {text!r} must be integers joined by '-' ('*' first or last)"
+            raise UsageError("model", msg) from None
+        if any(w <= 0 and w != AUTO_WIDTH for w in widths):
             raise UsageError("model", f"widths in {text!r} must be positive")
     options: dict[str, str] = {}
     allowed = MODEL_FAMILIES[family].options
@@ -280,6 +290,10 @@ def select_workers(model: StackedNet, index: Tensor) -> StackedNet:
 def _mlp_build(spec: ModelSpec, n: int, input_shape: tuple[int, ...], n_classes: int) -> StackedNet:
     input_dim = math.prod(input_shape)
     widths = spec.widths or (input_dim, 256, 256, n_classes)
+    if len(widths) >= 2:
+        first = input_dim if widths[0] == AUTO_WIDTH else widths[0]
+        last = n_classes if widths[-1] == AUTO_WIDTH else widths[-1]
+        widths = (first, *widths[1:-1], last)
     if len(widths) < 2:
         msg = f"{spec.text!r} needs at least input and output widths, such as mlp:{input_dim}-{n_classes}"
         raise UsageError("model", msg)

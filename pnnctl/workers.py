@@ -354,6 +354,15 @@ class WorkerGroup:
         return self.comm.all_gather_blocks(t, self.blocks, bookkeeping=True)
 
     @_timed
+    def exchange(self, t: Tensor) -> Tensor:
+        """Every worker's slice on every rank, moved as real traffic (counted as wire bytes).
+
+        For irregular exchanges whose logical per-worker bytes the strategy records itself with
+        :meth:`record_p2p` (IST's sharded pieces): this only moves the data between processes.
+        """
+        return self.comm.all_gather_blocks(t, self.blocks)
+
+    @_timed
     def mix(self, t: Tensor, weights: Tensor, tag: str = "mix", new_messages: bool = True) -> Tensor:
         """Neighbour averaging: worker i gets ``sum_j weights[i, j] * t[j]`` (``weights`` is ``[N, N]``).
 

@@ -621,7 +621,7 @@ class IndependentSubnetTraining(Strategy):
         else:
             self._record_pieces(pieces, "up")
             # The pieces are counted above; this moves them between processes so every replica agrees.
-            everyone = group.all_gather(trained)
+            everyone = group.exchange(trained)
         self.write_back(partition, self._unpack(everyone), sent)
 
         losses = group.all_gather((loss_sum / self.options.local_steps).unsqueeze(1)).reshape(-1)
