@@ -334,6 +334,16 @@ def train(
     metrics_path = run_dir / "metrics.csv"
     main = runtime.is_main
     shared_comm = comm or LocalComm()
+
+    # The strategy is built before the run folder is touched: a config it refuses leaves nothing behind.
+    data, x_train, y_train = prepare_data(config, device)
+    shards = shard_indices(data.y_train, n_workers, config.sharding, config.seed)
+    network = parse_network(config.network)
+    ledger = Ledger(n_workers, network)
+    group = WorkerGroup(n_workers, ledger, comm)
+    ctx = StrategyContext(config, data, group, device, shards, x_train, y_train)
+    strategy = strategy_cls(ctx, options)
+
     problem = ""
     if main:
         try:
@@ -345,19 +355,12 @@ def train(
     if problem:
         field_name, _, text = problem.partition(": ")
         raise UsageError(field_name, text)
-
-    data, x_train, y_train = prepare_data(config, device)
-    shards = shard_indices(data.y_train, n_workers, config.sharding, config.seed)
-    network = parse_network(config.network)
-    ledger = Ledger(n_workers, network)
-    group = WorkerGroup(n_workers, ledger, comm)
-    ctx = StrategyContext(config, data, group, device, shards, x_train, y_train)
-    strategy = strategy_cls(ctx, options)
     x_test, y_test = data.x_test.to(device), data.y_test.to(device)
     backend = "simulated" if comm is None else getattr(comm, "backend", "distributed")
 
     state = LoopState()
     rows: list[dict[str, Any]] = []
+    ranks: list[dict[str, Any]] = []  # measured per process at the last evaluation
     notes: list[str] = []
     ckpt = checkpoint_path(run_dir, runtime.rank)
     saved = _agreed_checkpoint(ckpt, shared_comm) if resume else None
@@ -398,6 +401,10 @@ def train(
         extras = {**state.extras, **strategy.eval_extras()}
         totals = ledger.totals()
         per_rank = shared_comm.gather_floats([float(peak_memory_bytes(device)), shared_comm.wire_bytes_sent])
+        ranks[:] = [
+            {"rank": r, "peak_memory_bytes": int(values[0]), "wire_bytes_sent": values[1]}
+            for r, values in enumerate(per_rank)
+        ]
         row = {
             "run_id": config.run_id,
             "cell": "/".join(
@@ -442,6 +449,7 @@ def train(
             append_csv_row(metrics_path, METRIC_COLUMNS, row)
             fault_point("metrics-append")
             summary = run_summary(rows, config)
+            summary["ranks"] = ranks
             text = json.dumps(summary, indent=2, default=str) + "\n"
             atomic_write_text(run_dir / "summary.json", text, fault="summary-write")
         progress.update(float(row["epoch"]), float(row["train_loss"]), float(row["test_acc"]))
