@@ -21,6 +21,7 @@ METRIC_COLUMNS: tuple[str, ...] = (
     "wall_s",  # wall-clock seconds since the run started (excluding evaluation)
     "compute_s",  # seconds spent in strategy rounds (training compute + simulated collectives)
     "collective_s",  # the part of compute_s spent in the worker group's collectives and ledger
+    "worker_compute_s",  # compute_s as if each worker ran on its own machine: compute / workers in parallel
     "train_loss",  # mean training loss over the rounds since the previous row
     "test_loss",
     "test_acc",  # fraction in [0, 1]
@@ -33,7 +34,7 @@ METRIC_COLUMNS: tuple[str, ...] = (
     "params_max_worker",  # parameters held by the largest worker
     "memory_max_worker_bytes",  # analytic: params + grads + optimizer state + activations
     "comm_s",  # projected communication seconds under the run's network model
-    "projected_s",  # compute_s + comm_s
+    "projected_s",  # worker_compute_s + comm_s: projected wall time with one machine per worker
     "network",  # the network preset (or "custom:<latency>,<bandwidth>") behind comm_s
     "peak_rss_bytes",  # measured peak memory: RSS on CPU, max_memory_allocated on CUDA; largest over ranks
     "wire_bytes_sent_max_rank",  # bytes handed to torch.distributed by the busiest rank (0 when simulated)

@@ -285,7 +285,7 @@ def cell_summary(runs: pd.DataFrame) -> pd.DataFrame:
 def project_time(metrics: pd.DataFrame, network: NetworkModel) -> pd.Series:
     """Projected seconds of every row as if the run had used ``network``.
 
-    ``compute_s + messages_max_worker * latency + bytes_sent_max_worker / bandwidth``, from the
+    ``worker_compute_s + messages_max_worker * latency + bytes_sent_max_worker / bandwidth``, from the
     cumulative busiest-worker totals. This is an approximation of the run's own ``comm_s``: that
     one sums the per-round maximum over workers, so when the busiest worker changes between rounds
     it is larger than this figure (the sum of maxima is at least the maximum of sums). For
@@ -294,7 +294,10 @@ def project_time(metrics: pd.DataFrame, network: NetworkModel) -> pd.Series:
     seconds = network.seconds(
         metrics["messages_max_worker"].astype(float), metrics["bytes_sent_max_worker"].astype(float)
     )
-    return (metrics["compute_s"].astype(float) + seconds).rename("projected_s")
+    compute = metrics["compute_s"].astype(float)
+    if "worker_compute_s" in metrics:  # tables from before that column: the whole simulation's compute
+        compute = metrics["worker_compute_s"].astype(float).fillna(compute)
+    return (compute.astype(float) + seconds).rename("projected_s")
 
 
 def fastest_to_target(

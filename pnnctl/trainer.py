@@ -89,6 +89,7 @@ class LoopState:
     samples: int = 0
     compute_s: float = 0.0
     collective_s: float = 0.0
+    worker_compute_s: float = 0.0
     wall_s: float = 0.0
     next_eval_epoch: float = 0.0
     loss_sum: float = 0.0
@@ -425,13 +426,14 @@ def train(
             "wall_s": round(state.wall_s, 6),
             "compute_s": round(state.compute_s, 6),
             "collective_s": round(state.collective_s, 6),
+            "worker_compute_s": round(state.worker_compute_s, 6),
             "train_loss": state.loss_sum / state.loss_rounds if state.loss_rounds else float("nan"),
             "test_loss": test_loss,
             "test_acc": test_acc,
             **{k: v for k, v in totals.items() if k in METRIC_COLUMNS},
             "params_max_worker": footprint.params,
             "memory_max_worker_bytes": footprint.memory_bytes,
-            "projected_s": round(state.compute_s + totals["comm_s"], 6),
+            "projected_s": round(state.worker_compute_s + totals["comm_s"], 6),
             "network": network.name,
             "peak_rss_bytes": int(max(r[0] for r in per_rank)),
             "wire_bytes_sent_max_rank": max(r[1] for r in per_rank),
@@ -495,8 +497,14 @@ def train(
                 if "overflow" not in str(exc):
                     raise
                 result = RoundResult(loss=float("inf"), samples=0)
-            state.compute_s += time.perf_counter() - started
+            round_compute = time.perf_counter() - started
+            state.compute_s += round_compute
             state.collective_s += group.collective_s - collectives_before
+            # This process computed its n_local workers one after another; with a machine per worker
+            # the round takes its share of that: divide by the workers that ran side by side here.
+            parallel = result.parallel_workers if result.parallel_workers is not None else n_workers
+            side_by_side = max(1.0, parallel * group.n_local / n_workers)
+            state.worker_compute_s += round_compute / side_by_side
             ledger.end_round()
             fault_point("round")
             state.round += 1

@@ -49,6 +49,9 @@ class RoundResult:
     samples: int
     phase: str = "train"
     extras: dict[str, float | str] = field(default_factory=dict)
+    #: How many workers' compute ran side by side this round if each had its own machine (None: all
+    #: N). A pipeline without micro-batches, where one stage works at a time, says 1.
+    parallel_workers: float | None = None
 
 
 @dataclass(frozen=True)

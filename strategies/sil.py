@@ -451,7 +451,8 @@ class SIL(Strategy):
             return RoundResult(loss=everyone[-1], samples=n_train, phase=phase, extras=extras)
         loss = self.recovery_epoch()
         self.epoch += 1
-        return RoundResult(loss=loss, samples=n_train, phase="recovery")
+        # The recovery pipeline has no micro-batches: one partition computes at a time.
+        return RoundResult(loss=loss, samples=n_train, phase="recovery", parallel_workers=1)
 
     def is_done(self) -> bool:
         return self.epoch >= self.apart_epochs + self.recovery_epochs

@@ -18,7 +18,8 @@ import torch
 from pnnctl.config import RunConfig, config_to_dict, to_toml
 
 #: Columns that depend on the clock or the process layout, not on the training.
-NONDETERMINISTIC = {"wall_s", "compute_s", "collective_s", "projected_s", "peak_rss_bytes", "world_size", "backend",
+NONDETERMINISTIC = {"wall_s", "compute_s", "collective_s", "worker_compute_s", "projected_s", "peak_rss_bytes",
+                    "world_size", "backend",
                     "wire_bytes_sent_max_rank", "run_id"}
 
 
