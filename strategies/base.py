@@ -68,6 +68,8 @@ class Strategy(ABC):
     Options: ClassVar[type] = NoOptions
     #: True for strategies that train one model whatever ``--workers`` says.
     single_worker: ClassVar[bool] = False
+    #: What the strategy's paper reports, quoted beside our numbers in reports ("" for baselines).
+    published: ClassVar[str] = ""
 
     def __init__(self, ctx: StrategyContext, options: Any) -> None:
         self.ctx = ctx

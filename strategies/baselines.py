@@ -79,6 +79,10 @@ class DataParallel(Strategy):
 
     def train_step(self, x: Tensor, y: Tensor) -> float:
         """One optimizer step of every local worker on ``x [n_local, B, ...]``; returns the mean loss."""
+        return self._mean_over_workers(self._step(x, y))
+
+    def _step(self, x: Tensor, y: Tensor) -> Tensor:
+        """One optimizer step; returns the local workers' losses (no cross-process traffic)."""
         if self.gradients is None:
             self.optimizer.zero_grad(set_to_none=True)
         else:
@@ -89,7 +93,7 @@ class DataParallel(Strategy):
             buffer = self.gradients
             self.ctx.group.all_reduce_segments_(buffer.flat, buffer.sizes, op="mean", tag="grad_all_reduce")
         self.optimizer.step()
-        return self._mean_over_workers(per_worker)
+        return per_worker
 
     def _mean_over_workers(self, per_worker: Tensor) -> float:
         # Each rank sees its own block; the reported loss is over all N workers without ledger traffic.
@@ -99,13 +103,15 @@ class DataParallel(Strategy):
         return float(group.all_gather(per_worker.reshape(-1, 1)).mean())
 
     def run_round(self) -> RoundResult:
-        total = 0.0
+        # Losses are summed locally and gathered once per round: a gather per step would add a
+        # collective (and its latency) to every step of a distributed run.
+        total = torch.zeros(self.ctx.group.n_local, dtype=torch.float64, device=self.ctx.device)
         for _ in range(self.steps_per_round):
             x, y = self.sampler.next_batch()
-            total += self.train_step(x, y)
+            total += self._step(x, y)
         self.after_round()
         samples = self.steps_per_round * self.ctx.config.batch_size * self.ctx.group.n_workers
-        return RoundResult(loss=total / self.steps_per_round, samples=samples)
+        return RoundResult(loss=self._mean_over_workers(total) / self.steps_per_round, samples=samples)
 
     def after_round(self) -> None:
         """Synchronisation at the end of a round (none for gradient all-reduce)."""
