@@ -60,6 +60,13 @@ class StackedLinear(nn.Module):
                 self.bias.copy_(_uniform(self.bias.shape, bound, generator))
 
     def forward(self, x: Tensor) -> Tensor:
+        if x.shape[0] == 1:
+            # One worker: a plain GEMM (CPU bmm with a batch of one measured about 2x slower than addmm).
+            # squeeze/view rather than [0]: select's backward allocates and fills a zero tensor.
+            weight = self.weight.view(self.in_features, self.out_features)
+            if self.bias is None:
+                return torch.mm(x.squeeze(0), weight).unsqueeze(0)
+            return torch.addmm(self.bias.view(self.out_features), x.squeeze(0), weight).unsqueeze(0)
         if self.bias is None:
             return torch.bmm(x, self.weight)
         return torch.baddbmm(self.bias, x, self.weight)
