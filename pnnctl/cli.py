@@ -77,6 +77,73 @@ class CliProgress:
         console.print(f"{self.label}{self._run_id}: {status}", highlight=False)
 
 
+class GridProgress:
+    """One progress display for a whole grid: cells done with an ETA, and the current cell's epochs.
+
+    Called with a label it hands out the Progress object of one cell (what the trainer reports to);
+    ``on_cell`` is told about every cell, skipped ones included. Plain lines when not on a terminal.
+    """
+
+    def __init__(self) -> None:
+        self._progress: Any = None
+        self._grid_task: Any = None
+        self._cell_task: Any = None
+
+    def on_cell(self, index: int, total: int, run_id: str, state: str) -> None:
+        if not _interactive():
+            return
+        if self._progress is None:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+            self._progress = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TextColumn("{task.fields[status]}"),
+                TimeRemainingColumn(),
+                console=console,
+            )
+            self._progress.start()
+            self._grid_task = self._progress.add_task("grid", total=total, status="")
+            self._cell_task = self._progress.add_task("cell", total=1, status="")
+        self._progress.update(self._grid_task, completed=index, status=f"{run_id} ({state})")
+        if index == total - 1 and state == "done":
+            self.close(total)
+
+    def close(self, total: int | None = None) -> None:
+        if self._progress is not None:
+            if total is not None:
+                self._progress.update(self._grid_task, completed=total)
+            self._progress.stop()
+            self._progress = None
+
+    def __call__(self, label: str) -> Any:
+        if self._progress is None:
+            return CliProgress(label)
+        return _GridCellProgress(self, label)
+
+
+class _GridCellProgress:
+    def __init__(self, grid: GridProgress, label: str) -> None:
+        self.grid, self.label = grid, label
+
+    def start(self, run_id: str, total_epochs: float, epoch: float) -> None:
+        progress = self.grid._progress
+        progress.update(self.grid._cell_task, description=f"{self.label}{run_id}", total=total_epochs,
+                        completed=epoch, status="")
+
+    def update(self, epoch: float, loss: float, acc: float | None) -> None:
+        text = f"loss {loss:.4f}" + (f"  acc {acc * 100:.2f}%" if acc is not None else "")
+        self.grid._progress.update(self.grid._cell_task, completed=epoch, status=text)
+
+    def finish(self, status: str) -> None:
+        progress = self.grid._progress
+        progress.advance(self.grid._grid_task)
+        task = progress.tasks[self.grid._grid_task]
+        if task.completed >= (task.total or 0):
+            self.grid.close()
+
+
 def _flags(**values: Any) -> dict[str, Any]:
     return {k: v for k, v in values.items() if v is not None}
 
@@ -265,8 +332,12 @@ def compare(
     grid_flags = GridSpec.from_flags(
         strategies=strategies, workers=workers, seeds=seeds, datasets=datasets, name=name, vary=vary
     )
-    outcome = compare_from_cli(config, flags, set_ or [], grid_flags, plots=not no_plots, argv=sys.argv,
-                               progress_factory=CliProgress, console=console, dry_run=dry_run)
+    grid_progress = GridProgress()
+    try:
+        outcome = compare_from_cli(config, flags, set_ or [], grid_flags, plots=not no_plots, argv=sys.argv,
+                                   progress_factory=grid_progress, console=console, dry_run=dry_run)
+    finally:
+        grid_progress.close()
     if outcome is None:
         return
     if fmt == "json":

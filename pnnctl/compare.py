@@ -408,6 +408,9 @@ def compare_from_cli(
         return None
 
     def announce(index: int, total: int, config: RunConfig, state: str) -> None:
+        on_cell = getattr(progress_factory, "on_cell", None)
+        if on_cell is not None:
+            on_cell(index, total, config.run_id, state)
         if state == "done":
             console.print(f"[{index + 1}/{total}] {config.run_id}: already finished, skipped", highlight=False)
 
