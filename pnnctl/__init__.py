@@ -42,9 +42,9 @@ def compare(
     ``run_fields`` are RunConfig fields shared by every cell (epochs, lr, out, ...); ``options``
     holds per-strategy option tables, e.g. ``{"local-sgd": {"local_steps": 10}}``.
     """
-    from pnnctl.compare import GridSpec
-    from pnnctl.compare import compare as run_grid
     from pnnctl.config import resolve_layers
+    from pnnctl.grid import GridSpec
+    from pnnctl.grid import compare as run_grid
 
     grid = GridSpec.build(
         {"strategies": list(strategies), "workers": list(workers), "seeds": seeds, "datasets": list(datasets),

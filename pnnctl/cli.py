@@ -320,7 +320,7 @@ def compare(
 
     A grid folder resumes: finished cells are skipped, a half-done cell continues from its checkpoint.
     """
-    from pnnctl.compare import GridSpec, compare_from_cli
+    from pnnctl.grid import GridSpec, compare_from_cli
 
     if fmt not in ("table", "json"):
         raise UsageError("format", f"must be table or json, not {fmt!r}")
@@ -373,7 +373,7 @@ def plot(
     target_acc: TargetOpt = None,
 ) -> None:
     """Draw figures (PNG and SVG) and report.md from a results folder's tables alone."""
-    from pnnctl.compare import report_folder
+    from pnnctl.grid import report_folder
     from pnnctl.network import parse_network
 
     written = report_folder(folder, network=parse_network(network) if network else None,

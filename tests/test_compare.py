@@ -113,3 +113,11 @@ def test_vary_repeats_each_strategys_cells_over_its_own_option_values(tmp_path: 
         for steps in (2, 8)
     }
     assert bytes_by_steps[2] >= 2.5 * bytes_by_steps[8]  # far fewer averages with 4x more local steps
+
+
+def test_the_python_api_compare_is_not_shadowed_by_a_module() -> None:
+    import importlib
+
+    for name in ("pnnctl.grid", "pnnctl.stats", "pnnctl.report", "pnnctl.plots", "pnnctl.cli"):
+        importlib.import_module(name)
+    assert callable(pnnctl.compare) and callable(pnnctl.run)

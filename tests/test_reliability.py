@@ -139,8 +139,8 @@ def test_failing_cell_is_recorded_and_the_grid_goes_on(tmp_path: Path) -> None:
 
 
 def test_second_writer_is_refused_by_the_lock(tmp_path: Path) -> None:
-    from pnnctl.compare import grid_lock
     from pnnctl.errors import UsageError
+    from pnnctl.grid import grid_lock
 
     folder = tmp_path / "grid"
     with grid_lock(folder):
