@@ -99,9 +99,9 @@ def main() -> None:
     rows = []
     for world in (int(p) for p in args.procs.split(",")):
         with tempfile.NamedTemporaryFile(suffix=".json") as result:
-            from pnnctl.distributed import _free_port
+            from pnnctl.distributed import free_port
 
-            mp.spawn(_rank, args=(world, _free_port(), args, result.name), nprocs=world, join=True)
+            mp.spawn(_rank, args=(world, free_port(), args, result.name), nprocs=world, join=True)
             rates = json.loads(Path(result.name).read_text())
         rows.append([str(world), f"{rates['ddp']:,.0f}", f"{rates['pnnctl']:,.0f}",
                      f"{rates['pnnctl'] / rates['ddp']:.3f}x"])

@@ -112,7 +112,7 @@ class TorchComm:
         return [part.cpu().tolist() for part in parts]
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
@@ -192,7 +192,7 @@ def _spawn_local(config: RunConfig, *, resume: bool, progress: Any) -> Any:
 
     # torch logs each rank it terminates; our own one-line error says which rank failed.
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
-    port = _free_port()
+    port = free_port()
     with tempfile.TemporaryDirectory(prefix="pnnctl-ranks-") as error_dir:
         context = mp.spawn(
             _child, args=(config, resume, port, error_dir, progress), nprocs=config.nproc, join=False

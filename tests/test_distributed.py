@@ -14,6 +14,7 @@ import pytest
 
 from distributed_utils import assert_simulated_equals_distributed, run_cli
 from pnnctl.config import RunConfig
+from pnnctl.distributed import free_port
 
 pytestmark = pytest.mark.distributed
 
@@ -124,3 +125,25 @@ def test_failed_rank_ends_run_within_timeout_and_resume_finishes(fault: str, tmp
     assert final["status"].iloc[-1] == "finished"
     assert final["epoch"].iloc[-1] >= 40 - 1e-6
     assert final["round"].is_monotonic_increasing and final["round"].is_unique
+
+
+def test_torchrun_launch_equals_simulation(tmp_path: Path) -> None:
+    """The torchrun path: RANK/WORLD_SIZE from the environment, same numbers as one process."""
+    args = ["train", "--strategy", "allreduce", "--dataset", "digits", "--model", "mlp:64-32-10", "--workers", "4",
+            "--epochs", "1", "--lr", "0.1", "--device", "cpu"]
+    simulated = run_cli([*args, "--out", str(tmp_path / "sim")])
+    assert simulated.returncode == 0, simulated.stderr
+    launched = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+         "--master-port", str(free_port()), "-m", "pnnctl", *args, "--out", str(tmp_path / "torchrun")],
+        capture_output=True, text=True, timeout=240, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+    assert launched.returncode == 0, launched.stderr[-2000:]
+    sim = pd.read_csv(tmp_path / "sim" / "allreduce-w4-s0" / "metrics.csv")
+    real = pd.read_csv(tmp_path / "torchrun" / "allreduce-w4-s0" / "metrics.csv")
+    assert (real["world_size"] == 2).all() and (real["backend"] == "gloo").all()
+    for column in ("test_acc", "test_loss", "bytes_sent_max_worker", "messages_total"):
+        assert (sim[column] - real[column]).abs().max() <= 1e-5 * max(1.0, sim[column].abs().max()), column
+    # Two workers per rank: each rank puts 2(P-1)/P x S on the wire, each worker 2(N-1)/N x S logically.
+    logical = real["bytes_sent_max_worker"].iloc[-1]
+    assert real["wire_bytes_sent_max_rank"].iloc[-1] == pytest.approx(logical * (2 * 1 / 2) / (2 * 3 / 4))
