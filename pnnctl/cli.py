@@ -170,6 +170,11 @@ BackendOpt = Annotated[str | None, typer.Option(help="auto | gloo | nccl")]
 ResumeOpt = Annotated[bool, typer.Option("--resume", help="continue an interrupted run from its checkpoint")]
 BudgetOpt = Annotated[str | None, typer.Option(help="epochs | samples=N | bytes=N | seconds=N")]
 EvalOpt = Annotated[float | None, typer.Option("--eval-every", help="evaluate every this many epochs")]
+LossOpt = Annotated[
+    str | None, typer.Option("--loss", help="the loss option of strategies that have one (psl: psl|ce; consensus, dgd)")
+]
+
+
 
 
 @app.command()
@@ -198,11 +203,12 @@ def train(
     eval_every: EvalOpt = None,
     nproc: NprocOpt = None,
     backend: BackendOpt = None,
+    loss: LossOpt = None,
     fmt: Annotated[str, typer.Option("--format", help="table | json")] = "table",
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the resolved config and stop")] = False,
 ) -> None:
     """Train one run into OUT/RUN_NAME/ (metrics.csv, summary.json, config.toml, env.json)."""
-    from pnnctl.config import resolve_config
+    from pnnctl.config import loss_assignments, resolve_config
 
     flags = _flags(
         strategy=strategy, dataset=dataset, model=model, workers=workers, epochs=epochs,
@@ -212,6 +218,8 @@ def train(
         backend=backend,
     )
     cfg = resolve_config(config, flags, set_ or [])
+    if loss is not None:
+        cfg = resolve_config(config, flags, [*(set_ or []), *loss_assignments(loss, [cfg.strategy])])
     if fmt not in ("table", "json"):
         raise UsageError("format", f"must be table or json, not {fmt!r}")
     if dry_run:
@@ -312,6 +320,7 @@ def compare(
     budget: BudgetOpt = None,
     eval_every: EvalOpt = None,
     nproc: NprocOpt = None,
+    loss: LossOpt = None,
     no_plots: Annotated[bool, typer.Option("--no-plots", help="skip figures")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list the grid's runs and stop")] = False,
     fmt: Annotated[str, typer.Option("--format", help="table | json")] = "table",
@@ -332,10 +341,11 @@ def compare(
     grid_flags = GridSpec.from_flags(
         strategies=strategies, workers=workers, seeds=seeds, datasets=datasets, name=name, vary=vary
     )
+
     grid_progress = GridProgress()
     try:
         outcome = compare_from_cli(config, flags, set_ or [], grid_flags, plots=not no_plots, argv=sys.argv,
-                                   progress_factory=grid_progress, console=console, dry_run=dry_run)
+                                   progress_factory=grid_progress, console=console, dry_run=dry_run, loss=loss)
     finally:
         grid_progress.close()
     if outcome is None:

@@ -202,6 +202,19 @@ def build_dataclass(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def loss_assignments(loss: str | None, strategies: list[str]) -> list[str]:
+    """``--loss X`` is ``--set S.loss=X`` for each named strategy with a loss option (an error if none has)."""
+    if loss is None:
+        return []
+    from strategies import get_strategy
+
+    having = [s for s in strategies if "loss" in {f.name for f in fields(get_strategy(s).Options)}]
+    if not having:
+        verb = "takes" if len(strategies) == 1 else "take"
+        raise UsageError("loss", f"{', '.join(strategies)} {verb} no loss option; psl, consensus and dgd do")
+    return [f"{s}.loss={loss}" for s in having]
+
+
 def parse_budget(text: str) -> tuple[str, float] | None:
     """``epochs`` -> None (the epoch budget alone); ``bytes=1e8`` -> ('bytes', 1e8)."""
     if text == "epochs":

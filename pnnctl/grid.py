@@ -27,6 +27,7 @@ from pnnctl.config import (
     RunConfig,
     config_from_dict,
     load_toml,
+    loss_assignments,
     merge_layers,
     parse_set_value,
     resolve_layers,
@@ -395,11 +396,13 @@ def compare_from_cli(
     progress_factory: Callable[[str], Any],
     console: Any,
     dry_run: bool = False,
+    loss: str | None = None,
 ) -> CompareOutcome | None:
     file_values = load_toml(config_file) if config_file else {}
     grid_values = dict(file_values.pop("compare", {}) or {})
     grid_values.update(grid_flags)
     grid = GridSpec.build(grid_values)
+    assignments = [*assignments, *loss_assignments(loss, list(grid.strategies))]
     layers = resolve_layers(file_values, flags, assignments, str(config_file))
     if dry_run:
         folder = Path(layers.get("out", "results")) / grid.name

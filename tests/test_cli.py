@@ -198,3 +198,14 @@ def test_a_seed_beyond_64_bits_is_a_usage_error(cli, tmp_path: Path) -> None:
     result = cli("train", *TINY, "--seed", str(2**64), "--out", str(tmp_path))
     assert result.code == 2
     assert result.err_lines[-1].startswith("error: seed:")
+
+
+def test_loss_flag_sets_the_loss_option_of_strategies_that_have_one(cli, tmp_path: Path) -> None:
+    result = cli("train", "--strategy", "psl", *TINY, "--loss", "ce", "--dry-run")
+    assert result.code == 0, result.err
+    assert '[psl]\nloss = "ce"' in result.out
+    refused = cli("train", "--strategy", "allreduce", *TINY, "--loss", "ce", "--dry-run")
+    assert refused.code == 2 and refused.err_lines[-1].startswith("error: loss:")
+    grid = cli("compare", "--strategies", "psl,allreduce", "--datasets", "digits", "--model", "mlp:64-16-10",
+               "--loss", "ce", "--out", str(tmp_path), "--dry-run")
+    assert grid.code == 0, grid.err
