@@ -11,8 +11,11 @@ Each rank holds a contiguous block of the N logical workers (blocks differ by at
 N >= P is required) and runs the same stacked code as the simulation. :class:`TorchComm` is the
 :class:`pnnctl.workers.Comm` for it: the group's collectives sum or gather across ranks, and each
 rank counts the bytes it hands to torch.distributed (``wire_bytes_sent``) with the cost of the
-algorithm the backend runs for that call (ring all-reduce: 2(P-1)/P x S; all-gather: (P-1) x S).
-With one worker per process these equal the logical ledger's per-worker bytes. Metrics-only
+algorithm the backend runs for that call (ring all-reduce: 2(P-1)/P x S; all-gather: (P-1) x S;
+graph mixing: one block to each neighbouring rank, by point-to-point isend/irecv). With one worker
+per process, all-reduce and mixing put exactly the logical ledger's per-worker bytes on the wire.
+A parameter-server master is replicated on every rank (computed from gathered inputs), so its
+broadcasts and scatters cost no wire bytes; gathers to it are all-gathers. Metrics-only
 traffic (loss and accuracy bookkeeping) is counted apart, in ``bookkeeping_bytes``.
 
 Faults: every collective has the ``timeout_s`` deadline, so a dead or hung rank makes the others
@@ -80,6 +83,29 @@ class TorchComm:
             self.wire_bytes_sent += sent
         dist.all_gather(parts, local)
         return torch.cat([part[:size] for part, size in zip(parts, block_sizes, strict=True)]).to(t.device)
+
+    def neighbor_exchange(self, t: Tensor, block_sizes: list[int], peers: list[int]) -> Tensor:
+        """Send this rank's block to each rank in ``peers`` and receive theirs (the pattern must be
+        symmetric); returns all N slices with the blocks of non-peers left zero. Bytes on the wire:
+        one block per peer, as a graph's neighbour exchange costs."""
+        largest = max(block_sizes)
+        local = self._on_device(t)
+        if local.shape[0] < largest:
+            local = torch.cat([local, local.new_zeros((largest - local.shape[0], *local.shape[1:]))])
+        received = {peer: torch.empty_like(local) for peer in peers}
+        operations = []
+        for peer in peers:
+            operations.append(dist.P2POp(dist.isend, local, peer))
+            operations.append(dist.P2POp(dist.irecv, received[peer], peer))
+        if operations:
+            for request in dist.batch_isend_irecv(operations):
+                request.wait()
+        self.wire_bytes_sent += len(peers) * local.numel() * local.element_size()
+        parts = []
+        for rank, size in enumerate(block_sizes):
+            block = local if rank == self.rank else received.get(rank)
+            parts.append(block[:size] if block is not None else local.new_zeros((size, *local.shape[1:])))
+        return torch.cat(parts).to(t.device)
 
     def barrier(self) -> None:
         dist.barrier()

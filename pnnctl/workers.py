@@ -147,6 +147,8 @@ class Comm(Protocol):
 
     def barrier(self) -> None: ...
 
+    def neighbor_exchange(self, t: Tensor, block_sizes: list[int], peers: list[int]) -> Tensor: ...
+
     def any_true(self, flag: bool) -> bool: ...
 
     def min_int(self, value: int) -> int: ...
@@ -171,6 +173,9 @@ class LocalComm:
 
     def barrier(self) -> None:
         return None
+
+    def neighbor_exchange(self, t: Tensor, block_sizes: list[int], peers: list[int]) -> Tensor:
+        return t
 
     def any_true(self, flag: bool) -> bool:
         return flag
@@ -382,9 +387,18 @@ class WorkerGroup:
         if new_messages:
             msgs[:n] = out_degree
         self.ledger.record(tag, sent, recv, msgs)
-        everyone = self.comm.all_gather_blocks(t, self.blocks)
+        everyone = self.comm.neighbor_exchange(t, self.blocks, self._peer_ranks(edges))
         local_rows = weights[self.local_workers.start : self.local_workers.stop].to(everyone.dtype)
         return torch.einsum("ij,j...->i...", local_rows, everyone)
+
+    def _peer_ranks(self, edges: Tensor) -> list[int]:
+        """Ranks whose blocks share an edge (either direction) with this rank's block."""
+        if self.comm.world_size == 1:
+            return []
+        owner = torch.repeat_interleave(torch.arange(len(self.blocks)), torch.tensor(self.blocks))
+        linked = (edges | edges.T).cpu()
+        mine = linked[self.local_workers.start : self.local_workers.stop].any(dim=0)
+        return sorted({int(r) for r in owner[mine].tolist()} - {self.comm.rank})
 
     @_timed
     def record_p2p(self, op: str, sent: np.ndarray, recv: np.ndarray, messages: np.ndarray) -> None:

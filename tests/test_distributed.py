@@ -147,3 +147,15 @@ def test_torchrun_launch_equals_simulation(tmp_path: Path) -> None:
     # Two workers per rank: each rank puts 2(P-1)/P x S on the wire, each worker 2(N-1)/N x S logically.
     logical = real["bytes_sent_max_worker"].iloc[-1]
     assert real["wire_bytes_sent_max_rank"].iloc[-1] == pytest.approx(logical * (2 * 1 / 2) / (2 * 3 / 4))
+
+
+@pytest.mark.parametrize("strategy", ["consensus", "dgd"])
+def test_graph_mixing_puts_exactly_the_logical_bytes_on_the_wire(strategy: str, tmp_path: Path) -> None:
+    """One agent per process on a ring: each rank exchanges blocks with its two neighbours only."""
+    result = run_cli(["train", "--strategy", strategy, "--dataset", "digits", "--model", "mlp:64-16-10", "--workers",
+                      "4", "--nproc", "4", "--epochs", "0.5", "--set", f"{strategy}.topology=ring",
+                      "--out", str(tmp_path)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = pd.read_csv(tmp_path / f"{strategy}-w4-s0" / "metrics.csv")
+    assert rows["bytes_sent_max_worker"].iloc[-1] > 0
+    assert (rows["wire_bytes_sent_max_rank"] == rows["bytes_sent_max_worker"]).all()
