@@ -84,6 +84,17 @@ class TorchComm:
         dist.all_gather(parts, local)
         return torch.cat([part[:size] for part, size in zip(parts, block_sizes, strict=True)]).to(t.device)
 
+    def send_to(self, t: Tensor, dst_rank: int) -> None:
+        """Point-to-point: this rank's tensor to ``dst_rank`` (which calls :meth:`recv_from`)."""
+        self.wire_bytes_sent += t.numel() * t.element_size()
+        dist.send(self._on_device(t), dst_rank)
+
+    def recv_from(self, shape: tuple[int, ...], dtype: torch.dtype, src_rank: int) -> Tensor:
+        device = self.device if self.backend == "nccl" else torch.device("cpu")
+        buffer = torch.empty(shape, dtype=dtype, device=device)
+        dist.recv(buffer, src_rank)
+        return buffer.to(self.device)
+
     def neighbor_exchange(self, t: Tensor, block_sizes: list[int], peers: list[int]) -> Tensor:
         """Send this rank's block to each rank in ``peers`` and receive theirs (the pattern must be
         symmetric); returns all N slices with the blocks of non-peers left zero. Bytes on the wire:

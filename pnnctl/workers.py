@@ -149,6 +149,10 @@ class Comm(Protocol):
 
     def neighbor_exchange(self, t: Tensor, block_sizes: list[int], peers: list[int]) -> Tensor: ...
 
+    def send_to(self, t: Tensor, dst_rank: int) -> None: ...
+
+    def recv_from(self, shape: tuple[int, ...], dtype: torch.dtype, src_rank: int) -> Tensor: ...
+
     def any_true(self, flag: bool) -> bool: ...
 
     def min_int(self, value: int) -> int: ...
@@ -176,6 +180,12 @@ class LocalComm:
 
     def neighbor_exchange(self, t: Tensor, block_sizes: list[int], peers: list[int]) -> Tensor:
         return t
+
+    def send_to(self, t: Tensor, dst_rank: int) -> None:
+        raise RuntimeError("a single process has no other rank to send to")
+
+    def recv_from(self, shape: tuple[int, ...], dtype: torch.dtype, src_rank: int) -> Tensor:
+        raise RuntimeError("a single process has no other rank to receive from")
 
     def any_true(self, flag: bool) -> bool:
         return flag
@@ -390,6 +400,30 @@ class WorkerGroup:
         everyone = self.comm.neighbor_exchange(t, self.blocks, self._peer_ranks(edges))
         local_rows = weights[self.local_workers.start : self.local_workers.stop].to(everyone.dtype)
         return torch.einsum("ij,j...->i...", local_rows, everyone)
+
+    def rank_of(self, worker: int) -> int:
+        """The rank holding logical worker ``worker``."""
+        return int(np.searchsorted(np.cumsum(self.blocks), worker, side="right"))
+
+    @_timed
+    def send(
+        self, value: Tensor | None, src: int, dst: int, shape: tuple[int, ...], dtype: torch.dtype
+    ) -> Tensor | None:
+        """Move a tensor from worker ``src``'s rank to worker ``dst``'s rank, point to point.
+
+        Returns it on ``dst``'s rank and None on the others; with both workers on one rank nothing
+        moves. The caller records the logical traffic (``record_p2p``); only these bytes go on the wire.
+        """
+        src_rank, dst_rank = self.rank_of(src), self.rank_of(dst)
+        if src_rank == dst_rank:
+            return value if self.comm.rank == src_rank else None
+        if self.comm.rank == src_rank:
+            assert value is not None
+            self.comm.send_to(value.contiguous(), dst_rank)
+            return None
+        if self.comm.rank == dst_rank:
+            return self.comm.recv_from(shape, dtype, src_rank)
+        return None
 
     def _peer_ranks(self, edges: Tensor) -> list[int]:
         """Ranks whose blocks share an edge (either direction) with this rank's block."""

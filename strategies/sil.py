@@ -519,18 +519,15 @@ class SIL(Strategy):
     def _cross(self, value: Tensor | None, src: int, dst: int, shape: tuple[int, ...]) -> Tensor | None:
         """Hand ``value`` (held by worker ``src``'s rank) to worker ``dst``'s rank; None elsewhere.
 
-        Simulated, or with both workers on one rank, nothing moves. Across ranks every rank joins
-        one all-gather of a ``[n_local, ...]`` buffer (the group's only point-to-point-capable
-        primitive); the ledger counts the logical message itself (see ``_record_pipeline``).
+        Simulated, or with both workers on one rank, nothing moves. Across ranks it is one
+        point-to-point send (``group.send``); the ledger counts the logical message itself (see
+        ``_record_pipeline``).
         """
         group = self.ctx.group
         if group.comm.world_size == 1 or self._rank_of(src) == self._rank_of(dst):
             return value
-        buffer = torch.zeros(group.n_local, *shape, device=self.ctx.device, dtype=self.wire_dtype)
-        if src in self.local:
-            buffer[src - self.local[0]] = value
-        everyone = group.comm.all_gather_blocks(buffer, group.blocks)
-        return everyone[src] if dst in self.local else None
+        sent = None if value is None else value.detach().to(self.wire_dtype)
+        return group.send(sent, src, dst, shape, self.wire_dtype)
 
     def pipeline_step(self, x: Tensor, y: Tensor) -> float | None:
         """One end-to-end step on ``x [b, ...]``, partition by partition; the loss on the last one's rank."""

@@ -159,3 +159,18 @@ def test_graph_mixing_puts_exactly_the_logical_bytes_on_the_wire(strategy: str, 
     rows = pd.read_csv(tmp_path / f"{strategy}-w4-s0" / "metrics.csv")
     assert rows["bytes_sent_max_worker"].iloc[-1] > 0
     assert (rows["wire_bytes_sent_max_rank"] == rows["bytes_sent_max_worker"]).all()
+
+
+def test_sil_recovery_pipeline_sends_exactly_its_logical_bytes_point_to_point(tmp_path: Path) -> None:
+    """Two partitions on two processes: during recovery each cut crossing is one send, so the wire
+    bytes added in the recovery phase equal the busiest worker's logical bytes added there."""
+    result = run_cli(["train", "--strategy", "sil", "--dataset", "digits", "--model", "mlp:64-32-32-10", "--workers",
+                      "2", "--nproc", "2", "--epochs", "3", "--set", "sil.recovery_epochs=1", "--out", str(tmp_path)])
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = pd.read_csv(tmp_path / "sil-w2-s0" / "metrics.csv")
+    joined = rows[rows["phase"] == "joined"].iloc[-1]
+    last = rows.iloc[-1]
+    assert last["phase"] == "recovery"
+    logical = last["bytes_sent_max_worker"] - joined["bytes_sent_max_worker"]
+    assert logical > 0
+    assert last["wire_bytes_sent_max_rank"] - joined["wire_bytes_sent_max_rank"] == logical
