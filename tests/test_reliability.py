@@ -188,3 +188,28 @@ def test_every_strategy_resumes_after_sigkill_to_identical_metrics(strategy: str
     again = pd.read_csv(tmp_path / "killed" / run_id / "metrics.csv")
     assert len(whole) >= 3
     pd.testing.assert_frame_equal(deterministic(again), deterministic(whole))
+
+
+def test_sigterm_checkpoints_exits_143_and_resumes_to_identical_metrics(tmp_path: Path, uninterrupted) -> None:
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "pnnctl", *RUN, "--out", str(tmp_path)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    metrics = tmp_path / "local-sgd-w3-s0" / "metrics.csv"
+    deadline = time.time() + 60
+    while not metrics.exists() or metrics.read_text().count("\n") < 3:
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=60)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the signal arrived")
+    assert proc.returncode == 143
+    assert "interrupted; resume with: pnnctl train" in stderr and "--resume" in stderr
+    resumed = run_cli([*RUN, "--out", str(tmp_path), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    pd.testing.assert_frame_equal(deterministic(pd.read_csv(metrics)), deterministic(uninterrupted))
