@@ -359,7 +359,8 @@ def _lenet_build(spec: ModelSpec, n: int, input_shape: tuple[int, ...], n_classe
 register_model_family(
     "mlp",
     ModelFamily(
-        "fully connected: mlp:IN-H1-...-CLASSES (default hidden 256-256), act=, bn=none|batch|running, bias=, out_bn=",
+        "fully connected: mlp:IN-H1-...-CLASSES ('*' for IN or CLASSES: from the data; plain mlp: hidden 256-256),"
+        " act=, bn=none|batch|running, bias=, out_bn=",
         {
             "act": tuple(ACTIVATIONS),
             "bn": ("none", "batch", "running"),
