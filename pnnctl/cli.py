@@ -381,13 +381,17 @@ def plot(
     folder: Annotated[Path, typer.Argument(help="a run or compare folder")],
     network: NetworkOpt = None,
     target_acc: TargetOpt = None,
+    scaling_metric: Annotated[
+        str, typer.Option("--scaling-metric", help="per-run figure the scaling plot shows against workers")
+    ] = "bytes_sent_max_worker",
 ) -> None:
     """Draw figures (PNG and SVG) and report.md from a results folder's tables alone."""
     from pnnctl.grid import report_folder
     from pnnctl.network import parse_network
 
     written = report_folder(folder, network=parse_network(network) if network else None,
-                            target_acc=target_acc, command=" ".join(["pnnctl", *sys.argv[1:]]))
+                            target_acc=target_acc, command=" ".join(["pnnctl", *sys.argv[1:]]),
+                            scaling_metric=scaling_metric)
     for path in written:
         out_console.print(str(path), highlight=False)
 

@@ -305,6 +305,7 @@ def report_folder(
     target_acc: float | None = None,
     command: str = "",
     failures: list[dict[str, Any]] | None = None,
+    scaling_metric: str = "bytes_sent_max_worker",
 ) -> list[Path]:
     """Figures and report.md for a run or compare folder, from its tables alone."""
     from pnnctl.plots import plot_folder
@@ -317,7 +318,7 @@ def report_folder(
         target_acc = _target_from_folder(folder)
     runs = run_summaries(metrics, target_acc)
     cells = cell_summary(runs)
-    figures = plot_folder(folder, network=network)
+    figures = plot_folder(folder, network=network, scaling_metric=scaling_metric)
     fastest = fastest_to_target(metrics, target_acc, list(NETWORK_PRESETS.values())) if target_acc else None
     env = _environment(folder)
     if failures:

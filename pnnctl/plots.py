@@ -377,12 +377,31 @@ def _fig_memory(summary: pd.DataFrame, labels: dict, styles: dict) -> Figure:
     return fig
 
 
-def _fig_scaling(runs: pd.DataFrame, styles_by_strategy: dict[str, str]) -> Figure:
+#: Per-run figures the scaling plot can show against worker count: (label, scale applied, log axis).
+SCALING_METRICS: dict[str, tuple[str, float, bool]] = {
+    "bytes_sent_max_worker": ("data sent by the busiest worker (MB)", 1 / _MB, True),
+    "messages_max_worker": ("messages sent by the busiest worker", 1.0, True),
+    "projected_s": ("projected time (s)", 1.0, True),
+    "wall_s": ("wall time of the simulation (s)", 1.0, False),
+    "compute_s": ("compute time of the simulation (s)", 1.0, False),
+    "best_acc": ("best test accuracy (%)", 100.0, False),
+    "params_max_worker": ("parameters of the largest worker", 1.0, True),
+    "memory_max_worker_bytes": ("memory of the largest worker (MB)", 1 / _MB, True),
+    "epochs_to_target": ("epochs to the target accuracy", 1.0, False),
+    "projected_s_to_target": ("projected time to the target (s)", 1.0, True),
+    "bytes_to_target": ("MB sent by the busiest worker to the target", 1 / _MB, True),
+}
+
+
+def _fig_scaling(
+    runs: pd.DataFrame, styles_by_strategy: dict[str, str], metric: str = "bytes_sent_max_worker"
+) -> Figure:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.5))
     # A line per strategy, split further only by dataset/model when those vary, so one line never
     # mixes different tasks.
     line_keys = ["strategy"] + [c for c in ("dataset", "model") if runs[c].nunique(dropna=False) > 1]
-    frame = runs.assign(final_pct=runs["final_acc"] * 100.0, mb=runs["bytes_sent_max_worker"] / _MB)
+    metric_label, metric_scale, metric_log = SCALING_METRICS[metric]
+    frame = runs.assign(final_pct=runs["final_acc"] * 100.0, mb=runs[metric].astype(float) * metric_scale)
     workers = sorted(frame["workers"].dropna().unique())
     for key, group in frame.groupby(line_keys, sort=True, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
@@ -405,19 +424,13 @@ def _fig_scaling(runs: pd.DataFrame, styles_by_strategy: dict[str, str]) -> Figu
     for ax in (left, right):
         ax.set_xticks(workers, [str(int(w)) if float(w).is_integer() else str(w) for w in workers])
     positive = frame["mb"][frame["mb"] > 0]
-    bytes_label = "data sent by the busiest worker (MB)"
     # Traffic grows with workers by orders of magnitude for some strategies; zeros rule out log.
-    if len(positive) == frame["mb"].notna().sum() and len(positive):
+    if metric_log and len(positive) == frame["mb"].notna().sum() and len(positive):
         right.set_yscale("log")
         _plain_log_ticks(right.yaxis)
-        bytes_label = "data sent by the busiest worker (MB, log scale)"
+        metric_label = f"{metric_label}, log scale"
     _finish(left, "Final accuracy vs workers (mean ± std)", "workers", "final test accuracy (%)")
-    _finish(
-        right,
-        "Data sent per worker vs workers (mean ± std)",
-        "workers",
-        bytes_label,
-    )
+    _finish(right, f"{metric} vs workers (mean ± std)", "workers", metric_label)
     fig.tight_layout()
     return fig
 
@@ -448,7 +461,11 @@ def _check_formats(formats: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def plot_folder(
-    folder: Path, *, formats: tuple[str, ...] = ("png", "svg"), network: NetworkModel | None = None
+    folder: Path,
+    *,
+    formats: tuple[str, ...] = ("png", "svg"),
+    network: NetworkModel | None = None,
+    scaling_metric: str = "bytes_sent_max_worker",
 ) -> list[Path]:
     """Draw every figure of a run or compare folder into ``<folder>/figures/``; returns the written paths.
 
@@ -459,6 +476,8 @@ def plot_folder(
     """
     folder = Path(folder)
     formats = _check_formats(formats)
+    if scaling_metric not in SCALING_METRICS:
+        raise UsageError("scaling_metric", f"must be one of {', '.join(SCALING_METRICS)}, not {scaling_metric!r}")
     metrics = load_metrics(folder)
     if metrics.empty:
         raise UsageError(
@@ -502,7 +521,7 @@ def plot_folder(
                     written += _save(_fig_extra(shown, cells, labels, styles, key), figures, key, formats)
             if runs["workers"].nunique() > 1:
                 colors = strategy_colors(cells["strategy"].astype(str))
-                written += _save(_fig_scaling(runs, colors), figures, "scaling", formats)
+                written += _save(_fig_scaling(runs, colors, scaling_metric), figures, "scaling", formats)
             else:
                 for fmt in formats:
                     (figures / f"scaling.{fmt}").unlink(missing_ok=True)

@@ -121,3 +121,18 @@ def test_the_python_api_compare_is_not_shadowed_by_a_module() -> None:
     for name in ("pnnctl.grid", "pnnctl.stats", "pnnctl.report", "pnnctl.plots", "pnnctl.cli"):
         importlib.import_module(name)
     assert callable(pnnctl.compare) and callable(pnnctl.run)
+
+
+def test_scaling_plot_shows_a_chosen_metric_and_refuses_an_unknown_one(grid: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "copy"
+    (copy / "runs").mkdir(parents=True)
+    for run in (grid / "runs").iterdir():
+        (copy / "runs" / run.name).mkdir()
+        (copy / "runs" / run.name / "metrics.csv").write_bytes((run / "metrics.csv").read_bytes())
+    result = run_cli(["plot", str(copy), "--scaling-metric", "projected_s"])
+    assert result.returncode == 0, result.stderr
+    svg = (copy / "figures" / "scaling.svg").read_text()
+    assert "projected_s vs workers" in svg or "projected" in svg
+    _valid_png(copy / "figures" / "scaling.png")
+    bad = run_cli(["plot", str(copy), "--scaling-metric", "happiness"])
+    assert bad.returncode == 2 and bad.stderr.startswith("error: scaling_metric:")
