@@ -173,12 +173,22 @@ class StackedFlatten(nn.Module):
 
 
 class StackedNet(nn.Sequential):
-    """A sequence of stacked layers; knows its worker count and the spec it was built from."""
+    """A sequence of stacked layers; knows its worker count, the spec it was built from and the data
+    shape it fits (None for a slice of a network, such as one of SIL's partitions)."""
 
-    def __init__(self, spec: ModelSpec, n_workers: int, *layers: nn.Module) -> None:
+    def __init__(
+        self,
+        spec: ModelSpec,
+        n_workers: int,
+        *layers: nn.Module,
+        input_shape: tuple[int, ...] | None = None,
+        n_classes: int | None = None,
+    ) -> None:
         super().__init__(*layers)
         self.spec = spec
         self.n_workers = n_workers
+        self.input_shape = input_shape
+        self.n_classes = n_classes
 
     def reset_parameters(self, generator: torch.Generator) -> None:
         for module in self.modules():
@@ -320,9 +330,7 @@ def _mlp_build(spec: ModelSpec, n: int, input_shape: tuple[int, ...], n_classes:
             layers.append(ACTIVATIONS[act]())
     if spec.option("out_bn", "false") == "true":
         layers.append(StackedBatchNorm(n, n_classes, affine=False, track_running_stats=False))
-    net = StackedNet(spec, n, *layers)
-    net.input_shape, net.n_classes = input_shape, n_classes
-    return net
+    return StackedNet(spec, n, *layers, input_shape=input_shape, n_classes=n_classes)
 
 
 def _lenet_build(spec: ModelSpec, n: int, input_shape: tuple[int, ...], n_classes: int) -> StackedNet:
@@ -336,7 +344,7 @@ def _lenet_build(spec: ModelSpec, n: int, input_shape: tuple[int, ...], n_classe
     # Two valid 5x5 convolutions, each followed by 2x2 pooling.
     out_h = ((height - 4) // 2 - 4) // 2
     out_w = ((width - 4) // 2 - 4) // 2
-    net = StackedNet(
+    return StackedNet(
         spec,
         n,
         StackedConv2d(n, channels, 6, 5),
@@ -351,9 +359,9 @@ def _lenet_build(spec: ModelSpec, n: int, input_shape: tuple[int, ...], n_classe
         StackedLinear(n, 120, 84),
         act(),
         StackedLinear(n, 84, n_classes),
+        input_shape=input_shape,
+        n_classes=n_classes,
     )
-    net.input_shape, net.n_classes = input_shape, n_classes
-    return net
 
 
 register_model_family(

@@ -400,9 +400,9 @@ class IndependentSubnetTraining(Strategy):
                                                momentum=layer.momentum, eps=layer.eps))
             else:
                 layers.append(copy.deepcopy(layer))
-        net = StackedNet(self.master.spec, n, *layers)
-        net.input_shape, net.n_classes = self.master.input_shape, self.master.n_classes
-        return net
+        return StackedNet(
+            self.master.spec, n, *layers, input_shape=self.master.input_shape, n_classes=self.master.n_classes
+        )
 
     def _padding_masks(self) -> list[tuple[Tensor, Tensor]]:
         """(subnet parameter, 0/1 mask of its real entries) for the local workers, where padding exists."""

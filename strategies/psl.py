@@ -260,9 +260,7 @@ def _psnet_build(spec: ModelSpec, n: int, input_shape: tuple[int, ...], n_classe
         layers.append(SeparableLinear(n, n_classes, k_in, k_out))
         if index < len(widths) - 2:
             layers.append(ACTIVATIONS[act]())
-    net = StackedNet(spec, n, *layers)
-    net.input_shape, net.n_classes = input_shape, n_classes
-    return net
+    return StackedNet(spec, n, *layers, input_shape=input_shape, n_classes=n_classes)
 
 
 def _psl_lenet_build(spec: ModelSpec, n: int, input_shape: tuple[int, ...], n_classes: int) -> StackedNet:
@@ -276,9 +274,7 @@ def _psl_lenet_build(spec: ModelSpec, n: int, input_shape: tuple[int, ...], n_cl
     for w_in, w_out in itertools.pairwise((flat, *hidden)):
         layers += [StackedLinear(n, w_in, w_out), ACTIVATIONS[act]()]
     layers.append(StackedLinear(n, hidden[-1], n_classes))
-    net = StackedNet(spec, n, *layers)
-    net.input_shape, net.n_classes = input_shape, n_classes
-    return net
+    return StackedNet(spec, n, *layers, input_shape=input_shape, n_classes=n_classes)
 
 
 register_model_family(
