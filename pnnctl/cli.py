@@ -289,7 +289,12 @@ def _exit_for_status(status: str, summary: dict[str, Any]) -> None:
         signame = summary.get("signal", "SIGINT")
         raise typer.Exit(128 + int(getattr(signal, signame, signal.SIGINT)))
     if status == "diverged":
-        console.print("run diverged (NaN or inf); the last good checkpoint is kept", highlight=False, soft_wrap=True)
+        console.print(
+            "run diverged (NaN or inf); the last good checkpoint is kept. A smaller --lr usually helps "
+            "(psl's exponential loss: --optimizer adam --lr 0.001, or --set psl.optimizer=lbfgs)",
+            highlight=False,
+            soft_wrap=True,
+        )
         raise typer.Exit(3)
 
 
