@@ -6,6 +6,7 @@ Every user-fixable problem ends as one line on stderr and exit code 2; an interr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import shlex
@@ -229,7 +230,7 @@ def train(
         return
     from pnnctl.launch import run_training
 
-    result = run_training(cfg, resume=resume, progress=CliProgress(), argv=sys.argv)
+    result = run_training(cfg, resume=resume, progress=CliProgress())
     if result is None:  # a non-zero rank of a distributed run: rank 0 reports
         return
     for note in result.notes:
@@ -421,8 +422,6 @@ def list_(
         table.add_column("what it does / options (--set NAME.OPTION=V)")
         for name, cls in STRATEGIES.items():
             docs = field_docs(cls.Options)
-            import dataclasses
-
             opts = [f"  {f.name}={f.default!r}: {docs.get(f.name, '')}" for f in dataclasses.fields(cls.Options)]
             table.add_row(name, "\n".join([cls.summary, *opts]))
         out_console.print(table)

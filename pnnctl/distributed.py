@@ -163,9 +163,7 @@ def choose_backend(config: RunConfig, device: torch.device) -> str:
     return "nccl" if device.type == "cuda" else "gloo"
 
 
-def run_distributed(
-    config: RunConfig, *, resume: bool = False, progress: Any = None, argv: list[str] | None = None
-) -> Any:
+def run_distributed(config: RunConfig, *, resume: bool = False, progress: Any = None) -> Any:
     """Run as one rank under torchrun, or start ``config.nproc`` local ranks and wait for them."""
     if "RANK" in os.environ:
         return _run_rank(config, resume=resume, progress=progress)

@@ -8,14 +8,14 @@ from pnnctl.trainer import Progress, RunResult, train
 
 
 def run_training(
-    config: RunConfig, *, resume: bool = False, progress: Progress | None = None, argv: list[str] | None = None
+    config: RunConfig, *, resume: bool = False, progress: Progress | None = None
 ) -> RunResult | None:
     """Run one training run where this process stands; returns None on non-zero ranks."""
     runtime = detect_runtime()
     if runtime.distributed or config.nproc > 1:
         from pnnctl.distributed import run_distributed
 
-        return run_distributed(config, resume=resume, progress=progress, argv=argv)
+        return run_distributed(config, resume=resume, progress=progress)
     return train(config, resume=resume, progress=progress)
 
 

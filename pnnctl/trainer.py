@@ -395,7 +395,6 @@ def train(
     n_train = len(y_train)
 
     def make_row(status: str) -> dict[str, Any]:
-        eval_start = time.perf_counter()
         model = strategy.eval_model()
         finite = model_is_finite(model)
         test_loss, test_acc = evaluate(model, x_test, y_test) if finite else (float("nan"), float("nan"))
@@ -441,11 +440,9 @@ def train(
             "extras": json.dumps(extras, sort_keys=True),
         }
         state.loss_sum, state.loss_rounds = 0.0, 0
-        row["_eval_s"] = time.perf_counter() - eval_start
         return row
 
     def emit(row: dict[str, Any]) -> None:
-        row.pop("_eval_s", None)
         rows.append(row)
         if main:
             append_csv_row(metrics_path, METRIC_COLUMNS, row)

@@ -245,23 +245,25 @@ class WorkerGroup:
 
     # -- collectives --------------------------------------------------------------------------
 
-    @_timed
-    def all_reduce(self, t: Tensor, op: str = "mean", tag: str = "all_reduce") -> Tensor:
-        """Sum or mean over all N workers; every worker gets the result. ``t`` is ``[n_local, ...]``."""
+    def _record_ring_all_reduce(self, op: str, size_bytes: float, tag: str) -> int:
+        """Check ``op`` (before anything is counted) and record one ring all-reduce; returns N."""
         if op not in ("mean", "sum"):
             raise ValueError(f"all_reduce op must be 'sum' or 'mean', not {op!r}")
         n = self.n_workers
-        per_worker, messages = ring_all_reduce_bytes(n, tensor_bytes(t))
-        sent = self.ledger.zeros()
+        per_worker, messages = ring_all_reduce_bytes(n, size_bytes)
+        sent, msgs = self.ledger.zeros(), self.ledger.zeros()
         sent[:n] = per_worker
-        msgs = self.ledger.zeros()
         msgs[:n] = messages
         self.ledger.record(tag, sent, sent.copy(), msgs)
+        return n
+
+    @_timed
+    def all_reduce(self, t: Tensor, op: str = "mean", tag: str = "all_reduce") -> Tensor:
+        """Sum or mean over all N workers; every worker gets the result. ``t`` is ``[n_local, ...]``."""
+        n = self._record_ring_all_reduce(op, tensor_bytes(t), tag)
         total = self.comm.all_reduce_sum(t.sum(dim=0))
         if op == "mean":
             total = total / n
-        elif op != "sum":
-            raise ValueError(f"all_reduce op must be 'sum' or 'mean', not {op!r}")
         return total.unsqueeze(0).expand(self.n_local, *total.shape)
 
     @_timed
@@ -270,22 +272,13 @@ class WorkerGroup:
 
         Returns one reduced tensor per input, shaped like a single worker's slice (views of one buffer).
         """
-        if op not in ("mean", "sum"):
-            raise ValueError(f"all_reduce op must be 'sum' or 'mean', not {op!r}")
-        n = self.n_workers
         flat = torch.cat([t.reshape(self.n_local, -1) for t in tensors], dim=1)
-        per_worker, messages = ring_all_reduce_bytes(n, tensor_bytes(flat))
-        sent, msgs = self.ledger.zeros(), self.ledger.zeros()
-        sent[:n] = per_worker
-        msgs[:n] = messages
-        self.ledger.record(tag, sent, sent.copy(), msgs)
+        n = self._record_ring_all_reduce(op, tensor_bytes(flat), tag)
         # flat is ours: reduce in place, without the extra copies of the general path.
         local = flat[0] if self.n_local == 1 else flat.sum(dim=0)
         reduced = self.comm.all_reduce_sum(local, inplace=True)
         if op == "mean":
             reduced.div_(n)
-        elif op != "sum":
-            raise ValueError(f"all_reduce op must be 'sum' or 'mean', not {op!r}")
         out, offset = [], 0
         for t in tensors:
             size = t[0].numel()
@@ -300,16 +293,7 @@ class WorkerGroup:
         Ledger: one ring all-reduce of ``sum(sizes)`` elements per worker. With one worker per process
         the buffer itself goes on the wire, with no copy in or out.
         """
-        if op not in ("mean", "sum"):
-            raise ValueError(f"all_reduce op must be 'sum' or 'mean', not {op!r}")
-        n = self.n_workers
-        per_worker, messages = ring_all_reduce_bytes(n, sum(sizes) * flat.element_size())
-        sent, msgs = self.ledger.zeros(), self.ledger.zeros()
-        sent[:n] = per_worker
-        msgs[:n] = messages
-        self.ledger.record(tag, sent, sent.copy(), msgs)
-        if op not in ("mean", "sum"):
-            raise ValueError(f"all_reduce op must be 'sum' or 'mean', not {op!r}")
+        n = self._record_ring_all_reduce(op, sum(sizes) * flat.element_size(), tag)
         if self.n_local == 1:
             self.comm.all_reduce_sum(flat, inplace=True)
             if op == "mean":
