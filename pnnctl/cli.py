@@ -19,7 +19,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from pnnctl.errors import UsageError
+from pnnctl.errors import RankFailed, UsageError
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -466,6 +466,9 @@ def main(argv: list[str] | None = None) -> None:
     except UsageError as exc:
         console.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
         sys.exit(2)
+    except RankFailed as exc:  # the ranks' own tracebacks are in the message; the launcher's adds nothing
+        console.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
+        sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
     except getattr(click_errors, "NoArgsIsHelpError", ()) as exc:

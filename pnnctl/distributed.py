@@ -40,7 +40,7 @@ import torch.distributed as dist
 from torch import Tensor
 
 from pnnctl.config import RunConfig
-from pnnctl.errors import UsageError
+from pnnctl.errors import RankFailed, UsageError
 from pnnctl.runtime import detect_runtime, resolve_device
 
 
@@ -212,10 +212,6 @@ def _child(local_rank: int, config: RunConfig, resume: bool, port: int, error_di
     except Exception as exc:  # reported by the parent with the rank's number
         Path(error_dir, f"rank{local_rank}.error").write_text(f"{type(exc).__name__}: {exc}".splitlines()[0])
         raise SystemExit(1) from None
-
-
-class RankFailed(RuntimeError):
-    """A rank of a ``--nproc`` run died, hung past the timeout, or raised."""
 
 
 def _spawn_local(config: RunConfig, *, resume: bool, progress: Any) -> Any:

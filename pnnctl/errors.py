@@ -1,4 +1,4 @@
-"""Errors a user can fix. The CLI turns them into one line on stderr and exit code 2."""
+"""Errors the CLI turns into one line on stderr: a user's mistake (exit 2) or a failed rank (exit 1)."""
 
 from __future__ import annotations
 
@@ -13,3 +13,7 @@ class UsageError(ValueError):
         self.field = field
         self.problem = problem
         super().__init__(f"{field}: {problem}")
+
+
+class RankFailed(RuntimeError):
+    """A rank of a ``--nproc`` run died, hung past the timeout, or raised; the message says how to resume."""

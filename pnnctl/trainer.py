@@ -472,7 +472,7 @@ def train(
         )
 
     progress.start(config.run_id, config.epochs, state.samples / n_train)
-    if state.round == 0 and not rows:
+    if saved is None:  # every rank decides alike: only rank 0 holds the rows, and emitting is a collective
         emit(make_row("running"))
         state.next_eval_epoch = config.eval_every
         checkpoint()  # so that a run diverging in its first round still has a good checkpoint

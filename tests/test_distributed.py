@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from distributed_utils import assert_simulated_equals_distributed, run_cli
+from distributed_utils import NONDETERMINISTIC, assert_simulated_equals_distributed, run_cli
 from pnnctl.config import RunConfig
 from pnnctl.distributed import free_port
 
@@ -111,6 +111,7 @@ def test_failed_rank_ends_run_within_timeout_and_resume_finishes(fault: str, tmp
     elapsed = time.time() - started
     assert proc.returncode not in (0, 2)
     assert "rank " in stderr and "failed" in stderr and "--resume" in stderr
+    assert proc.returncode == 1 and "Traceback" not in stderr.split("error: rank")[-1], stderr[-2000:]
     assert elapsed < 8 + 15  # the collective timeout plus the launcher's grace periods (2 x 5 s)
     time.sleep(1)
     assert not any(_alive(pid) for pid in ranks), "orphan rank left behind"
@@ -125,6 +126,24 @@ def test_failed_rank_ends_run_within_timeout_and_resume_finishes(fault: str, tmp
     assert final["status"].iloc[-1] == "finished"
     assert final["epoch"].iloc[-1] >= 40 - 1e-6
     assert final["round"].is_monotonic_increasing and final["round"].is_unique
+
+
+@pytest.mark.parametrize("point", ["round:1", "round:3"])
+def test_ranks_killed_early_resume_to_the_uninterrupted_metrics(point: str, tmp_path: Path) -> None:
+    # round:1 kills every rank before its round-1 checkpoint, so all ranks resume from round 0: rank 0 already
+    # has that round's metrics row, the others do not, and they must still run the same collectives.
+    args = ["train", "--strategy", "local-sgd", "--dataset", "digits", "--model", "mlp:64-32-10", "--workers", "2",
+            "--nproc", "2", "--epochs", "2", "--set", "local-sgd.local_steps=4", "--eval-every", "0.5",
+            "--set", "timeout_s=30"]
+    whole = run_cli([*args, "--out", str(tmp_path / "whole")])
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    killed = run_cli([*args, "--out", str(tmp_path / "killed")], env={"PNNCTL_FAULT": point})
+    assert killed.returncode not in (0, 2), killed.stderr[-2000:]
+    resumed = run_cli([*args, "--out", str(tmp_path / "killed"), "--resume"], timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    frames = [pd.read_csv(tmp_path / name / "local-sgd-w2-s0" / "metrics.csv") for name in ("whole", "killed")]
+    stable = [f.drop(columns=[c for c in f.columns if c in NONDETERMINISTIC]) for f in frames]
+    pd.testing.assert_frame_equal(stable[1], stable[0])
 
 
 def test_torchrun_launch_equals_simulation(tmp_path: Path) -> None:
