@@ -35,14 +35,14 @@ from pnnctl.errors import UsageError
 from pnnctl.faults import fault_point
 from pnnctl.io import append_csv_row, atomic_write_bytes, atomic_write_text, repair_csv_tail
 from pnnctl.network import parse_network
-from pnnctl.runtime import Runtime, detect_runtime, peak_memory_bytes, resolve_device
+from pnnctl.runtime import Runtime, detect_runtime, keep_freed_cpu_memory, peak_memory_bytes, resolve_device
 from pnnctl.schema import METRIC_COLUMNS
 from pnnctl.training import evaluate, model_is_finite
 from pnnctl.workers import Comm, Ledger, LocalComm, WorkerGroup
 from strategies import get_strategy
 from strategies.base import RoundResult, StrategyContext
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: allreduce keeps one shared replica per process
 
 #: Files of a run folder that belong to the trainer; strategy artifacts may not take these names.
 RESERVED_FILES = frozenset({"metrics.csv", "summary.json", "config.toml", "env.json", "checkpoint.pt"})
@@ -149,6 +149,7 @@ def environment(config: RunConfig, runtime: Runtime, device: torch.device, backe
         "platform": platform.platform(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
+        "cpu_malloc_keeps_freed_memory": device.type == "cpu" and keep_freed_cpu_memory(),
         "device": str(device),
         "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else "",
         "seed": config.seed,
@@ -315,6 +316,8 @@ def train(
     progress = progress or NullProgress()
     runtime = runtime or detect_runtime()
     device = resolve_device(config.device, runtime.local_rank)
+    if device.type == "cpu":
+        keep_freed_cpu_memory()
     if config.precision != "fp32" and device.type != "cuda":
         raise UsageError("precision", f"{config.precision} needs a CUDA device; use fp32 on {device}")
     if config.precision == "tf32":

@@ -287,14 +287,18 @@ class WorkerGroup:
         return out
 
     @_timed
-    def all_reduce_segments_(self, flat: Tensor, sizes: list[int], op: str = "mean", tag: str = "all_reduce") -> None:
+    def all_reduce_segments_(
+        self, flat: Tensor, sizes: list[int], op: str = "mean", tag: str = "all_reduce", local_sum: bool = False
+    ) -> None:
         """In-place all-reduce of a flat buffer of consecutive ``[n_local, size_i]`` blocks (see GradientBuffer).
 
-        Ledger: one ring all-reduce of ``sum(sizes)`` elements per worker. With one worker per process
-        the buffer itself goes on the wire, with no copy in or out.
+        ``local_sum``: the buffer already holds the sum over this rank's workers (one block per size),
+        as the gradient of one shared replica does. Ledger: one ring all-reduce of ``sum(sizes)``
+        elements per worker either way. With one block per process the buffer itself goes on the
+        wire, with no copy in or out.
         """
         n = self._record_ring_all_reduce(op, sum(sizes) * flat.element_size(), tag)
-        if self.n_local == 1:
+        if self.n_local == 1 or local_sum:
             self.comm.all_reduce_sum(flat, inplace=True)
             if op == "mean":
                 flat.div_(n)

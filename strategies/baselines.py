@@ -3,7 +3,10 @@
 - ``centralized``: one model, all data, one worker. Nothing is communicated.
 - ``allreduce``: data sharded over N workers, gradients averaged by a ring all-reduce every step,
   all in one flat buffer (what ``DistributedDataParallel`` does with its buckets). Workers stay
-  identical; N workers with batch b equal ``centralized`` with batch N*b under SGD.
+  identical; N workers with batch b equal ``centralized`` with batch N*b under SGD. Because the
+  replicas never differ, a process keeps one copy for all its workers and runs their batches as
+  one (the backward pass sums their gradients); only models with batch norm, whose statistics are
+  per worker batch, keep one copy per worker. The ledger is the same either way.
 - ``local-sgd``: every worker takes H local steps on its shard, then parameters (and batch-norm
   statistics) are averaged by a ring all-reduce. Optimizer state stays local and is not averaged.
   With H = 1 and plain SGD it equals ``allreduce``.
@@ -19,7 +22,13 @@ import torch
 from torch import Tensor
 
 from pnnctl.errors import UsageError
-from pnnctl.models import activation_elements, build_model, select_workers, worker_memory_bytes
+from pnnctl.models import (
+    StackedBatchNorm,
+    activation_elements,
+    build_model,
+    select_workers,
+    worker_memory_bytes,
+)
 from pnnctl.training import GradientBuffer, ShardSampler, make_optimizer, stacked_cross_entropy
 from strategies import register
 from strategies.base import Footprint, RoundResult, Strategy, StrategyContext
@@ -54,9 +63,16 @@ class DataParallel(Strategy):
     def __init__(self, ctx: StrategyContext, options: Any) -> None:
         super().__init__(ctx, options)
         config, group = ctx.config, ctx.group
-        self.model = build_model(
-            config.model, group.n_local, ctx.data.input_shape, ctx.data.n_classes, seed=config.seed
-        ).to(ctx.device)
+        model = build_model(config.model, group.n_local, ctx.data.input_shape, ctx.data.n_classes, seed=config.seed)
+        # Identical replicas of a model without batch statistics are one copy: the gradient of the
+        # summed per-worker losses is the sum of the workers' gradients, and N copies would only
+        # multiply the memory, the optimizer's work and the simulated averaging by N.
+        self.shared_replica = self.sync_gradients and not any(
+            isinstance(m, StackedBatchNorm) for m in model.modules()
+        )
+        if self.shared_replica and group.n_local > 1:
+            model = select_workers(model, torch.tensor([0]))
+        self.model = model.to(ctx.device)
         self.optimizer = make_optimizer(
             config.optimizer, self.model.parameters(), config.lr, config.momentum, config.weight_decay
         )
@@ -87,11 +103,18 @@ class DataParallel(Strategy):
             self.optimizer.zero_grad(set_to_none=True)
         else:
             self.gradients.zero_()
-        loss_sum, per_worker = stacked_cross_entropy(self.model(x), y)
+        if self.shared_replica:
+            # [n_local, B, ...] -> [1, n_local * B, ...]; per-worker losses come back from the sample losses.
+            logits = self.model(x.reshape(1, -1, *x.shape[2:]))
+            loss_sum, per_worker = stacked_cross_entropy(logits.reshape(*y.shape, -1), y)
+        else:
+            loss_sum, per_worker = stacked_cross_entropy(self.model(x), y)
         loss_sum.backward()
         if self.gradients is not None:
             buffer = self.gradients
-            self.ctx.group.all_reduce_segments_(buffer.flat, buffer.sizes, op="mean", tag="grad_all_reduce")
+            self.ctx.group.all_reduce_segments_(
+                buffer.flat, buffer.sizes, op="mean", tag="grad_all_reduce", local_sum=self.shared_replica
+            )
         self.optimizer.step()
         return per_worker
 

@@ -54,15 +54,24 @@ def test_allreduce_with_n_workers_equals_centralized_with_n_times_the_batch(
     assert max_difference(allreduce.model, centralized.model) <= 1e-5
 
 
+@pytest.mark.parametrize("model", [MLP, MLP + ",bn=batch"])
 @pytest.mark.parametrize("n_workers", [2, 4])
-def test_local_sgd_with_one_local_step_equals_allreduce(n_workers: int, small_config, build_strategy) -> None:
+def test_local_sgd_with_one_local_step_equals_allreduce(
+    n_workers: int, model: str, small_config, build_strategy
+) -> None:
+    # local-sgd keeps one replica per worker; allreduce shares one replica unless batch norm makes
+    # each worker's statistics its own, so this also checks the shared replica against N copies.
     rounds = 6
     local = build_strategy(
-        small_config(strategy="local-sgd", workers=n_workers, batch_size=8, options={"local_steps": 1})
+        small_config(strategy="local-sgd", model=model, workers=n_workers, batch_size=8, options={"local_steps": 1})
     )
     allreduce = build_strategy(
-        small_config(strategy="allreduce", workers=n_workers, batch_size=8, options={"steps_per_round": 1})
+        small_config(strategy="allreduce", model=model, workers=n_workers, batch_size=8,
+                     options={"steps_per_round": 1})
     )
+    replicas = {p.shape[0] for p in allreduce.model.parameters()}
+    assert replicas == ({n_workers} if "bn=" in model else {1})
+    assert {p.shape[0] for p in local.model.parameters()} == {n_workers}
     initial = {name: p.detach().clone() for name, p in allreduce.model.named_parameters()}
     for _ in range(rounds):
         result_local = local.run_round()
