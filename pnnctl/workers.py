@@ -223,6 +223,30 @@ def block_sizes(n_workers: int, world_size: int) -> list[int]:
     return [base + (1 if r < extra else 0) for r in range(world_size)]
 
 
+def weighted_rows(rows: Tensor, values: Tensor) -> Tensor:
+    """``out[i] = sum_j rows[i, j] * values[j]`` for ``rows [m, N]`` and ``values [N, ...]``; a new tensor.
+
+    On the CPU a sparse ``rows`` (a graph's mixing weights: a few neighbours each) is summed row by
+    row, reading only the neighbours' vectors: the dense product does N multiply-adds per element
+    where a ring needs 3 and ran 1.7x (N = 16) to 13x (N = 256) slower. Dense rows, and any GPU,
+    where one product beats many small kernels, take the matrix product.
+    """
+    flat = values.reshape(values.shape[0], -1)
+    nonzero = rows != 0
+    if values.device.type != "cpu" or int(nonzero.sum()) * 5 > rows.numel():
+        return (rows @ flat).reshape(rows.shape[0], *values.shape[1:])
+    out = torch.empty((rows.shape[0], flat.shape[1]), dtype=flat.dtype)
+    for i, (row, mask) in enumerate(zip(rows.tolist(), nonzero.tolist(), strict=True)):
+        neighbours = [j for j, present in enumerate(mask) if present]
+        if not neighbours:
+            out[i].zero_()
+            continue
+        torch.mul(flat[neighbours[0]], row[neighbours[0]], out=out[i])
+        for j in neighbours[1:]:
+            out[i].add_(flat[j], alpha=row[j])
+    return out.reshape(rows.shape[0], *values.shape[1:])
+
+
 class WorkerGroup:
     """N logical workers, of which this process holds ``local_workers``; collectives and ledger."""
 
@@ -369,6 +393,8 @@ class WorkerGroup:
     def mix(self, t: Tensor, weights: Tensor, tag: str = "mix", new_messages: bool = True) -> Tensor:
         """Neighbour averaging: worker i gets ``sum_j weights[i, j] * t[j]`` (``weights`` is ``[N, N]``).
 
+        Returns a new tensor (never a view of ``t``), which callers may update in place.
+
         Worker j sends its slice to every i != j with ``weights[i, j] != 0``. With ``new_messages``
         False the bytes ride in the messages of an earlier mix of the same round (NEXT sends its
         weights and its tracker together), so only bytes are added.
@@ -387,7 +413,7 @@ class WorkerGroup:
         self.ledger.record(tag, sent, recv, msgs)
         everyone = self.comm.neighbor_exchange(t, self.blocks, self._peer_ranks(edges))
         local_rows = weights[self.local_workers.start : self.local_workers.stop].to(everyone.dtype)
-        return torch.einsum("ij,j...->i...", local_rows, everyone)
+        return weighted_rows(local_rows, everyone)
 
     def rank_of(self, worker: int) -> int:
         """The rank holding logical worker ``worker``."""

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pnnctl.network import NetworkModel
-from pnnctl.workers import Ledger, WorkerGroup
+from pnnctl.workers import Ledger, WorkerGroup, weighted_rows
 
 NETWORK = NetworkModel("test", latency_s=1e-3, bandwidth_bytes_per_s=1e6)
 WORKER_COUNTS = [1, 2, 3, 8]
@@ -212,6 +212,19 @@ def test_mix_over_a_graph_is_weights_times_values_and_costs_one_payload_per_edge
     expected = Expected(n)
     expected.mix(degree, degree, payload_bytes(shape, torch.float32))
     assert_round(ledger, expected)
+
+
+@pytest.mark.parametrize("density", [0.0, 0.05, 0.2, 0.5, 1.0])  # below 0.2 the row-by-row path, above the product
+def test_weighted_rows_equals_the_matrix_product_at_every_density(density: float) -> None:
+    generator = torch.Generator().manual_seed(7)
+    rows = torch.rand(12, 40, generator=generator) * (torch.rand(12, 40, generator=generator) < density)
+    rows[3] = 0.0  # a row with no neighbours gives zeros
+    values = torch.randn(40, 5, 3, generator=generator)
+    out = weighted_rows(rows, values)
+    assert out.shape == (12, 5, 3)
+    torch.testing.assert_close(out, (rows @ values.reshape(40, -1)).reshape(12, 5, 3))
+    assert not out[3].any()
+    assert out.data_ptr() != values.data_ptr()
 
 
 @pytest.mark.parametrize("n", [2, 3, 8])
