@@ -4,7 +4,10 @@ MLP 784-256-256-10, batch 32 per worker, SGD; one optimizer step of every worker
 alternately in one run. Goal: stacked >= 1.5x the loop at N = 16. Also reports the memory per
 simulated worker at N = 64 (parameters, gradients and activations actually allocated).
 
-    python benchmarks/stacked_workers.py [--workers 4,16,64] [--steps 20] [--device cpu]
+    python benchmarks/stacked_workers.py [--workers 4,16,64] [--steps 20] [--device cpu] [--system-malloc]
+
+On the CPU glibc is told to keep freed memory, as ``pnnctl train`` does (pnnctl.runtime); pass
+--system-malloc to measure with glibc's defaults instead.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved, machine, print_table
 
 from pnnctl.models import build_model
+from pnnctl.runtime import keep_freed_cpu_memory
 from pnnctl.training import make_optimizer, stacked_cross_entropy
 
 SPEC = "mlp:784-256-256-10"
@@ -66,8 +70,10 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--system-malloc", action="store_true", help="leave glibc's malloc settings alone")
     args = parser.parse_args()
     device = torch.device(args.device)
+    kept = device.type == "cpu" and not args.system_malloc and keep_freed_cpu_memory()
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rows = []
     for n in (int(v) for v in args.workers.split(",")):
@@ -98,7 +104,7 @@ def main() -> None:
         ])
     print_table(
         f"stacked workers vs per-worker loop: {SPEC}, batch {args.batch}/worker, SGD, median of {args.repeats} x "
-        f"{args.steps} steps; {machine()}; device {device}",
+        f"{args.steps} steps; {machine()}; device {device}; malloc keeps freed memory: {kept}",
         ["N", "stacked ms/step", "loop ms/step", "speed-up (goal >= 1.5 at N=16)", "samples/s stacked",
          "MB per simulated worker"],
         rows,

