@@ -29,7 +29,7 @@ import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol, TypeVar
+from typing import Any, Literal, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -223,27 +223,55 @@ def block_sizes(n_workers: int, world_size: int) -> list[int]:
     return [base + (1 if r < extra else 0) for r in range(world_size)]
 
 
-def weighted_rows(rows: Tensor, values: Tensor) -> Tensor:
+@dataclass(frozen=True)
+class _GraphPlan:
+    out_degree: np.ndarray
+    in_degree: np.ndarray
+    peer_ranks: list[int]
+    local_rows: Tensor
+    neighbours: Neighbours | None
+
+
+#: per row, the (column, weight) pairs of its non-zero weights
+Neighbours = list[list[tuple[int, float]]]
+
+
+def sparse_neighbours(rows: Tensor) -> Neighbours | None:
+    """Each row's (column, weight) pairs where summing them beats the matrix product, else None.
+
+    On the CPU a graph's mixing weights (a few neighbours each) are summed row by row, reading only
+    the neighbours' vectors: the dense product does N multiply-adds per element where a ring needs 3
+    and ran 1.7x (N = 16) to 13x (N = 256) slower. Rows over a fifth non-zero, and any GPU, where one
+    product beats many small kernels, take the product.
+    """
+    nonzero = rows != 0
+    if rows.device.type != "cpu" or int(nonzero.sum()) * 5 > rows.numel():
+        return None
+    return [
+        [(j, weight) for j, (weight, present) in enumerate(zip(row, mask, strict=True)) if present]
+        for row, mask in zip(rows.tolist(), nonzero.tolist(), strict=True)
+    ]
+
+
+def weighted_rows(rows: Tensor, values: Tensor, neighbours: Neighbours | Literal["find"] | None = "find") -> Tensor:
     """``out[i] = sum_j rows[i, j] * values[j]`` for ``rows [m, N]`` and ``values [N, ...]``; a new tensor.
 
-    On the CPU a sparse ``rows`` (a graph's mixing weights: a few neighbours each) is summed row by
-    row, reading only the neighbours' vectors: the dense product does N multiply-adds per element
-    where a ring needs 3 and ran 1.7x (N = 16) to 13x (N = 256) slower. Dense rows, and any GPU,
-    where one product beats many small kernels, take the matrix product.
+    ``neighbours``: ``sparse_neighbours(rows)`` when the caller keeps it (None: use the product).
     """
+    if neighbours == "find":
+        neighbours = sparse_neighbours(rows)
     flat = values.reshape(values.shape[0], -1)
-    nonzero = rows != 0
-    if values.device.type != "cpu" or int(nonzero.sum()) * 5 > rows.numel():
+    if neighbours is None:
         return (rows @ flat).reshape(rows.shape[0], *values.shape[1:])
-    out = torch.empty((rows.shape[0], flat.shape[1]), dtype=flat.dtype)
-    for i, (row, mask) in enumerate(zip(rows.tolist(), nonzero.tolist(), strict=True)):
-        neighbours = [j for j, present in enumerate(mask) if present]
-        if not neighbours:
+    out = torch.empty((rows.shape[0], flat.shape[1]), dtype=flat.dtype, device=flat.device)
+    for i, pairs in enumerate(neighbours):
+        if not pairs:
             out[i].zero_()
             continue
-        torch.mul(flat[neighbours[0]], row[neighbours[0]], out=out[i])
-        for j in neighbours[1:]:
-            out[i].add_(flat[j], alpha=row[j])
+        first, weight = pairs[0]
+        torch.mul(flat[first], weight, out=out[i])
+        for j, weight in pairs[1:]:
+            out[i].add_(flat[j], alpha=weight)
     return out.reshape(rows.shape[0], *values.shape[1:])
 
 
@@ -258,6 +286,7 @@ class WorkerGroup:
         start = sum(self.blocks[: self.comm.rank])
         self.local_workers = range(start, start + self.blocks[self.comm.rank])
         self.collective_s = 0.0
+        self._graph: tuple[Tensor, int, _GraphPlan] | None = None  # (weights, its version, plan) of the last mix
 
     @property
     def n_local(self) -> int:
@@ -400,20 +429,43 @@ class WorkerGroup:
         weights and its tracker together), so only bytes are added.
         """
         n = self.n_workers
+        plan = self._graph_plan(weights, t.dtype)
+        size = tensor_bytes(t)
+        sent, recv, msgs = self.ledger.zeros(), self.ledger.zeros(), self.ledger.zeros()
+        sent[:n] = plan.out_degree * size
+        recv[:n] = plan.in_degree * size
+        if new_messages:
+            msgs[:n] = plan.out_degree
+        self.ledger.record(tag, sent, recv, msgs)
+        everyone = self.comm.neighbor_exchange(t, self.blocks, plan.peer_ranks)
+        return weighted_rows(plan.local_rows, everyone, plan.neighbours)
+
+    def _graph_plan(self, weights: Tensor, dtype: torch.dtype) -> _GraphPlan:
+        """Degrees, peer ranks and this rank's rows of ``weights``, kept while the same tensor comes back.
+
+        A static graph hands mix the same weights every iteration; recomputing this each time cost
+        about as much as a 4-agent ring's whole neighbour sum.
+        """
+        cached = self._graph
+        if (
+            cached is not None
+            and cached[0] is weights
+            and cached[1] == weights._version
+            and cached[2].local_rows.dtype == dtype
+        ):
+            return cached[2]
         edges = (weights != 0).clone()
         edges.fill_diagonal_(False)
-        size = tensor_bytes(t)
-        out_degree = edges.sum(dim=0).double().cpu().numpy()  # column j: who receives from j
-        in_degree = edges.sum(dim=1).double().cpu().numpy()
-        sent, recv, msgs = self.ledger.zeros(), self.ledger.zeros(), self.ledger.zeros()
-        sent[:n] = out_degree * size
-        recv[:n] = in_degree * size
-        if new_messages:
-            msgs[:n] = out_degree
-        self.ledger.record(tag, sent, recv, msgs)
-        everyone = self.comm.neighbor_exchange(t, self.blocks, self._peer_ranks(edges))
-        local_rows = weights[self.local_workers.start : self.local_workers.stop].to(everyone.dtype)
-        return weighted_rows(local_rows, everyone)
+        local_rows = weights[self.local_workers.start : self.local_workers.stop].to(dtype)
+        plan = _GraphPlan(
+            out_degree=edges.sum(dim=0).double().cpu().numpy(),  # column j: who receives from j
+            in_degree=edges.sum(dim=1).double().cpu().numpy(),
+            peer_ranks=self._peer_ranks(edges),
+            local_rows=local_rows,
+            neighbours=sparse_neighbours(local_rows),
+        )
+        self._graph = (weights, weights._version, plan)
+        return plan
 
     def rank_of(self, worker: int) -> int:
         """The rank holding logical worker ``worker``."""
