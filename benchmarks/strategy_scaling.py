@@ -40,10 +40,10 @@ class TimedNeighbourSums:
         self.inner = pnnctl.workers.weighted_rows
         pnnctl.workers.weighted_rows = self
 
-    def __call__(self, rows: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    def __call__(self, rows: torch.Tensor, values: torch.Tensor, *neighbours: object) -> torch.Tensor:
         start = time.perf_counter()
         try:
-            return self.inner(rows, values)
+            return self.inner(rows, values, *neighbours)
         finally:
             self.seconds += time.perf_counter() - start
 

@@ -253,17 +253,35 @@ def sparse_neighbours(rows: Tensor) -> Neighbours | None:
     ]
 
 
-def weighted_rows(rows: Tensor, values: Tensor, neighbours: Neighbours | Literal["find"] | None = "find") -> Tensor:
-    """``out[i] = sum_j rows[i, j] * values[j]`` for ``rows [m, N]`` and ``values [N, ...]``; a new tensor.
+def weighted_rows(
+    rows: Tensor,
+    values: Tensor,
+    neighbours: Neighbours | Literal["find"] | None = "find",
+    out: Tensor | None = None,
+) -> Tensor:
+    """``out[i] = sum_j rows[i, j] * values[j]`` for ``rows [m, N]`` and ``values [N, ...]``.
 
     ``neighbours``: ``sparse_neighbours(rows)`` when the caller keeps it (None: use the product).
+    ``out``: a contiguous ``[m, ...]`` tensor to write into, not sharing memory with ``values``
+    (reusing a dead buffer spares the page faults of a fresh one); otherwise a new tensor.
     """
     if neighbours == "find":
         neighbours = sparse_neighbours(rows)
     flat = values.reshape(values.shape[0], -1)
+    shape = (rows.shape[0], *values.shape[1:])
+    if out is None:
+        out = torch.empty(shape, dtype=flat.dtype, device=flat.device)
+    elif (
+        out.shape != shape
+        or not out.is_contiguous()
+        or out.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
+    ):
+        raise ValueError(f"out must be a contiguous {tuple(shape)} tensor apart from values, not {tuple(out.shape)}")
     if neighbours is None:
-        return (rows @ flat).reshape(rows.shape[0], *values.shape[1:])
-    out = torch.empty((rows.shape[0], flat.shape[1]), dtype=flat.dtype, device=flat.device)
+        torch.matmul(rows, flat, out=out.view(rows.shape[0], -1))
+        return out
+    result = out
+    out = out.view(rows.shape[0], -1)
     for i, pairs in enumerate(neighbours):
         if not pairs:
             out[i].zero_()
@@ -272,7 +290,7 @@ def weighted_rows(rows: Tensor, values: Tensor, neighbours: Neighbours | Literal
         torch.mul(flat[first], weight, out=out[i])
         for j, weight in pairs[1:]:
             out[i].add_(flat[j], alpha=weight)
-    return out.reshape(rows.shape[0], *values.shape[1:])
+    return result
 
 
 class WorkerGroup:
@@ -419,10 +437,13 @@ class WorkerGroup:
         return self.comm.all_gather_blocks(t, self.blocks)
 
     @_timed
-    def mix(self, t: Tensor, weights: Tensor, tag: str = "mix", new_messages: bool = True) -> Tensor:
+    def mix(
+        self, t: Tensor, weights: Tensor, tag: str = "mix", new_messages: bool = True, out: Tensor | None = None
+    ) -> Tensor:
         """Neighbour averaging: worker i gets ``sum_j weights[i, j] * t[j]`` (``weights`` is ``[N, N]``).
 
-        Returns a new tensor (never a view of ``t``), which callers may update in place.
+        Returns a new tensor (never a view of ``t``), which callers may update in place, or writes
+        into ``out``: a dead ``[n_local, ...]`` buffer the caller no longer reads, other than ``t``.
 
         Worker j sends its slice to every i != j with ``weights[i, j] != 0``. With ``new_messages``
         False the bytes ride in the messages of an earlier mix of the same round (NEXT sends its
@@ -438,7 +459,7 @@ class WorkerGroup:
             msgs[:n] = plan.out_degree
         self.ledger.record(tag, sent, recv, msgs)
         everyone = self.comm.neighbor_exchange(t, self.blocks, plan.peer_ranks)
-        return weighted_rows(plan.local_rows, everyone, plan.neighbours)
+        return weighted_rows(plan.local_rows, everyone, plan.neighbours, out=out)
 
     def _graph_plan(self, weights: Tensor, dtype: torch.dtype) -> _GraphPlan:
         """Degrees, peer ranks and this rank's rows of ``weights``, kept while the same tensor comes back.

@@ -254,9 +254,10 @@ def next_iteration(
         d = n * state.y
         w_hat = surrogate_argmin(state.w, d, tau, lam, reg) if step_fn is None else step_fn(state.w, d)
         z = state.w + alpha * (w_hat - state.w)
-    w_new = group.mix(z, weights, tag="next_weights")
+    # The old w and then z are dead once read, so the mixes write into them instead of fresh memory.
+    w_new = group.mix(z, weights, tag="next_weights", out=state.w)
     # y_i rides in the same message as z_i: bytes are added, messages are not.
-    y_mixed = group.mix(state.y, weights, tag="next_tracker", new_messages=False)
+    y_mixed = group.mix(state.y, weights, tag="next_tracker", new_messages=False, out=z)
     grad_new, losses = grad_fn(w_new)
     state.y = y_mixed.add_(grad_new).sub_(state.grad)  # mix returns a new tensor: update it in place
     state.w, state.grad = w_new, grad_new
@@ -265,11 +266,22 @@ def next_iteration(
 
 
 def dgd_iteration(
-    w: Tensor, alpha: float, grad_fn: GradFn, weights: Tensor, group: WorkerGroup, *, lam: float, reg: str
+    w: Tensor,
+    alpha: float,
+    grad_fn: GradFn,
+    weights: Tensor,
+    group: WorkerGroup,
+    *,
+    lam: float,
+    reg: str,
+    out: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """One DGD iteration of every local agent: ``(w_new, losses)``; the gradient is taken at the old w_i."""
+    """One DGD iteration of every local agent: ``(w_new, losses)``; the gradient is taken at the old w_i.
+
+    ``out``: a dead buffer shaped like ``w`` for ``w_new`` (not ``w`` itself).
+    """
     grad, losses = grad_fn(w)
-    mixed = group.mix(w, weights, tag="dgd_weights")  # a new tensor, so it is updated in place
+    mixed = group.mix(w, weights, tag="dgd_weights", out=out)  # ours, so it is updated in place
     mixed.add_(grad, alpha=-alpha * group.n_workers)
     if reg == "l2":
         return mixed.add_(w, alpha=-2.0 * alpha * lam), losses
@@ -526,6 +538,7 @@ class DGD(GraphStrategy):
     def __init__(self, ctx: StrategyContext, options: DGDOptions) -> None:
         super().__init__(ctx, options)
         self.w = self.flat_parameters()
+        self.spare: Tensor | None = None
         self.alpha = ctx.config.lr
 
     def agent_weights(self) -> Tensor:
@@ -533,9 +546,12 @@ class DGD(GraphStrategy):
 
     def iterate(self) -> Tensor:
         options = self.options
-        self.w, losses = dgd_iteration(
-            self.w, self.alpha, self.gradient, self.weights(), self.ctx.group, lam=options.lam, reg=options.reg
+        # w_new goes into the buffer of the w before last, which nothing reads any more.
+        w_new, losses = dgd_iteration(
+            self.w, self.alpha, self.gradient, self.weights(), self.ctx.group, lam=options.lam, reg=options.reg,
+            out=self.spare,
         )
+        self.spare, self.w = self.w, w_new
         self.alpha = next_alpha(self.alpha, options.epsilon)
         return losses
 

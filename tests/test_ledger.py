@@ -225,6 +225,13 @@ def test_weighted_rows_equals_the_matrix_product_at_every_density(density: float
     torch.testing.assert_close(out, (rows @ values.reshape(40, -1)).reshape(12, 5, 3))
     assert not out[3].any()
     assert out.data_ptr() != values.data_ptr()
+    buffer = torch.full((12, 5, 3), float("nan"))  # a dead buffer: every element must be overwritten
+    written = weighted_rows(rows, values, out=buffer)
+    assert written.data_ptr() == buffer.data_ptr()
+    torch.testing.assert_close(written, out)
+    square = values[:12]
+    with pytest.raises(ValueError, match="out must be"):
+        weighted_rows(rows[:, :12], square, out=square)  # writing into the values being read would corrupt them
 
 
 @pytest.mark.parametrize("n", [2, 3, 8])
