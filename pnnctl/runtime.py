@@ -79,8 +79,11 @@ def keep_freed_cpu_memory() -> bool:
     glibc's trim threshold is hit) is mmap-ed afresh and page-faulted in, which made an element-wise
     op on 64 stacked workers' parameters 3-4x slower than the arithmetic itself. Serving every
     allocation from the heap and never trimming it costs a resident set that stays at its peak.
-    Returns False where the C library has no ``mallopt`` (not glibc).
+    Returns False where the C library has no ``mallopt`` (not glibc), and leaves malloc alone when
+    ``PNNCTL_SYSTEM_MALLOC=1`` (a process that embeds pnnctl and wants its memory handed back).
     """
+    if os.environ.get("PNNCTL_SYSTEM_MALLOC", "") not in ("", "0"):
+        return False
     name = ctypes.util.find_library("c")
     try:
         libc = ctypes.CDLL(name) if name else None

@@ -424,3 +424,17 @@ def test_a_run_interrupted_after_reaching_its_target_has_the_same_summary_once_r
     on_disk = json.loads((resumed.run_dir / "summary.json").read_text())
     reference_on_disk = json.loads((reference.run_dir / "summary.json").read_text())
     assert _without_timing(on_disk) == _without_timing(reference_on_disk)
+
+
+@pytest.mark.parametrize("system_malloc", ["", "1"])
+def test_cpu_runs_keep_freed_memory_unless_told_not_to(system_malloc: str, tmp_path: Path) -> None:
+    import platform
+
+    args = ["train", "--strategy", "centralized", "--dataset", "digits", "--model", "mlp:64-32-10", "--epochs", "0.5",
+            "--out", str(tmp_path)]
+    env = {**os.environ, "PNNCTL_SYSTEM_MALLOC": system_malloc}
+    result = subprocess.run([sys.executable, "-m", "pnnctl", *args], capture_output=True, text=True, env=env,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    recorded = json.loads((tmp_path / "centralized-w1-s0" / "env.json").read_text())["cpu_malloc_keeps_freed_memory"]
+    assert recorded is (platform.libc_ver()[0] == "glibc" and not system_malloc)
