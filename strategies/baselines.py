@@ -26,6 +26,7 @@ from pnnctl.models import (
     StackedBatchNorm,
     activation_elements,
     build_model,
+    replicate,
     select_workers,
     worker_memory_bytes,
 )
@@ -63,15 +64,16 @@ class DataParallel(Strategy):
     def __init__(self, ctx: StrategyContext, options: Any) -> None:
         super().__init__(ctx, options)
         config, group = ctx.config, ctx.group
-        model = build_model(config.model, group.n_local, ctx.data.input_shape, ctx.data.n_classes, seed=config.seed)
+        model = build_model(config.model, 1, ctx.data.input_shape, ctx.data.n_classes, seed=config.seed)
         # Identical replicas of a model without batch statistics are one copy: the gradient of the
         # summed per-worker losses is the sum of the workers' gradients, and N copies would only
-        # multiply the memory, the optimizer's work and the simulated averaging by N.
+        # multiply the memory, the optimizer's work and the simulated averaging by N. (The copies
+        # are never materialised: at N = 256 they would be 256 models' worth of memory at start-up.)
         self.shared_replica = self.sync_gradients and not any(
             isinstance(m, StackedBatchNorm) for m in model.modules()
         )
-        if self.shared_replica and group.n_local > 1:
-            model = select_workers(model, torch.tensor([0]))
+        if not self.shared_replica and group.n_local > 1:
+            model = replicate(model, group.n_local)
         self.model = model.to(ctx.device)
         self.optimizer = make_optimizer(
             config.optimizer, self.model.parameters(), config.lr, config.momentum, config.weight_decay
