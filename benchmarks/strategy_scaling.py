@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -40,10 +41,10 @@ class TimedNeighbourSums:
         self.inner = pnnctl.workers.weighted_rows
         pnnctl.workers.weighted_rows = self
 
-    def __call__(self, rows: torch.Tensor, values: torch.Tensor, *neighbours: object) -> torch.Tensor:
+    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
         start = time.perf_counter()
         try:
-            return self.inner(rows, values, *neighbours)
+            return self.inner(*args, **kwargs)
         finally:
             self.seconds += time.perf_counter() - start
 

@@ -29,7 +29,7 @@ import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
@@ -223,17 +223,21 @@ def block_sizes(n_workers: int, world_size: int) -> list[int]:
     return [base + (1 if r < extra else 0) for r in range(world_size)]
 
 
+#: per row, the (column, weight) pairs of its non-zero weights
+Neighbours = list[list[tuple[int, float]]]
+
+
 @dataclass(frozen=True)
 class _GraphPlan:
+    """What mix needs from one weights tensor, with the tensor and its version it was made from."""
+
+    weights: Tensor
+    version: int
     out_degree: np.ndarray
     in_degree: np.ndarray
     peer_ranks: list[int]
     local_rows: Tensor
     neighbours: Neighbours | None
-
-
-#: per row, the (column, weight) pairs of its non-zero weights
-Neighbours = list[list[tuple[int, float]]]
 
 
 def sparse_neighbours(rows: Tensor) -> Neighbours | None:
@@ -253,20 +257,13 @@ def sparse_neighbours(rows: Tensor) -> Neighbours | None:
     ]
 
 
-def weighted_rows(
-    rows: Tensor,
-    values: Tensor,
-    neighbours: Neighbours | Literal["find"] | None = "find",
-    out: Tensor | None = None,
-) -> Tensor:
+def weighted_rows(rows: Tensor, values: Tensor, neighbours: Neighbours | None, out: Tensor | None = None) -> Tensor:
     """``out[i] = sum_j rows[i, j] * values[j]`` for ``rows [m, N]`` and ``values [N, ...]``.
 
-    ``neighbours``: ``sparse_neighbours(rows)`` when the caller keeps it (None: use the product).
+    ``neighbours``: ``sparse_neighbours(rows)``, kept by the caller (None: the matrix product).
     ``out``: a contiguous ``[m, ...]`` tensor to write into, not sharing memory with ``values``
     (reusing a dead buffer spares the page faults of a fresh one); otherwise a new tensor.
     """
-    if neighbours == "find":
-        neighbours = sparse_neighbours(rows)
     flat = values.reshape(values.shape[0], -1)
     shape = (rows.shape[0], *values.shape[1:])
     if out is None:
@@ -277,20 +274,19 @@ def weighted_rows(
         or out.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr()
     ):
         raise ValueError(f"out must be a contiguous {tuple(shape)} tensor apart from values, not {tuple(out.shape)}")
+    out_rows = out.view(rows.shape[0], -1)
     if neighbours is None:
-        torch.matmul(rows, flat, out=out.view(rows.shape[0], -1))
+        torch.matmul(rows, flat, out=out_rows)
         return out
-    result = out
-    out = out.view(rows.shape[0], -1)
     for i, pairs in enumerate(neighbours):
         if not pairs:
-            out[i].zero_()
+            out_rows[i].zero_()
             continue
         first, weight = pairs[0]
-        torch.mul(flat[first], weight, out=out[i])
+        torch.mul(flat[first], weight, out=out_rows[i])
         for j, weight in pairs[1:]:
-            out[i].add_(flat[j], alpha=weight)
-    return result
+            out_rows[i].add_(flat[j], alpha=weight)
+    return out
 
 
 class WorkerGroup:
@@ -304,7 +300,7 @@ class WorkerGroup:
         start = sum(self.blocks[: self.comm.rank])
         self.local_workers = range(start, start + self.blocks[self.comm.rank])
         self.collective_s = 0.0
-        self._graph: tuple[Tensor, int, _GraphPlan] | None = None  # (weights, its version, plan) of the last mix
+        self._graph: _GraphPlan | None = None  # of the last mix
 
     @property
     def n_local(self) -> int:
@@ -467,25 +463,26 @@ class WorkerGroup:
         A static graph hands mix the same weights every iteration; recomputing this each time cost
         about as much as a 4-agent ring's whole neighbour sum.
         """
-        cached = self._graph
+        plan = self._graph
         if (
-            cached is not None
-            and cached[0] is weights
-            and cached[1] == weights._version
-            and cached[2].local_rows.dtype == dtype
+            plan is not None
+            and plan.weights is weights
+            and plan.version == weights._version
+            and plan.local_rows.dtype == dtype
         ):
-            return cached[2]
+            return plan
         edges = (weights != 0).clone()
         edges.fill_diagonal_(False)
         local_rows = weights[self.local_workers.start : self.local_workers.stop].to(dtype)
-        plan = _GraphPlan(
+        self._graph = plan = _GraphPlan(
+            weights=weights,
+            version=weights._version,
             out_degree=edges.sum(dim=0).double().cpu().numpy(),  # column j: who receives from j
             in_degree=edges.sum(dim=1).double().cpu().numpy(),
             peer_ranks=self._peer_ranks(edges),
             local_rows=local_rows,
             neighbours=sparse_neighbours(local_rows),
         )
-        self._graph = (weights, weights._version, plan)
         return plan
 
     def rank_of(self, worker: int) -> int:

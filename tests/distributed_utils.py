@@ -23,6 +23,11 @@ NONDETERMINISTIC = {"wall_s", "compute_s", "collective_s", "worker_compute_s", "
                     "wire_bytes_sent_max_rank", "run_id"}
 
 
+def deterministic(rows: pd.DataFrame) -> pd.DataFrame:
+    """Metrics rows without the columns that differ between identical runs (timings, rank layout)."""
+    return rows.drop(columns=[c for c in rows.columns if c in NONDETERMINISTIC])
+
+
 def assert_extras_close(simulated: dict, distributed: dict, tol: float = 1e-5) -> None:
     """Strategy extras agree: numbers within a relative 1e-5 (summation order differs), text exactly."""
     assert simulated.keys() == distributed.keys()

@@ -12,7 +12,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from distributed_utils import NONDETERMINISTIC, assert_simulated_equals_distributed, run_cli
+from distributed_utils import assert_simulated_equals_distributed, deterministic, run_cli
 from pnnctl.config import RunConfig
 from pnnctl.distributed import free_port
 
@@ -141,9 +141,10 @@ def test_ranks_killed_early_resume_to_the_uninterrupted_metrics(point: str, tmp_
     assert killed.returncode not in (0, 2), killed.stderr[-2000:]
     resumed = run_cli([*args, "--out", str(tmp_path / "killed"), "--resume"], timeout=120)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    frames = [pd.read_csv(tmp_path / name / "local-sgd-w2-s0" / "metrics.csv") for name in ("whole", "killed")]
-    stable = [f.drop(columns=[c for c in f.columns if c in NONDETERMINISTIC]) for f in frames]
-    pd.testing.assert_frame_equal(stable[1], stable[0])
+    whole_rows, resumed_rows = (
+        deterministic(pd.read_csv(tmp_path / name / "local-sgd-w2-s0" / "metrics.csv")) for name in ("whole", "killed")
+    )
+    pd.testing.assert_frame_equal(resumed_rows, whole_rows)
 
 
 def test_torchrun_launch_equals_simulation(tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pnnctl.network import NetworkModel
-from pnnctl.workers import Ledger, WorkerGroup, weighted_rows
+from pnnctl.workers import Ledger, WorkerGroup, sparse_neighbours, weighted_rows
 
 NETWORK = NetworkModel("test", latency_s=1e-3, bandwidth_bytes_per_s=1e6)
 WORKER_COUNTS = [1, 2, 3, 8]
@@ -220,18 +220,20 @@ def test_weighted_rows_equals_the_matrix_product_at_every_density(density: float
     rows = torch.rand(12, 40, generator=generator) * (torch.rand(12, 40, generator=generator) < density)
     rows[3] = 0.0  # a row with no neighbours gives zeros
     values = torch.randn(40, 5, 3, generator=generator)
-    out = weighted_rows(rows, values)
+    neighbours = sparse_neighbours(rows)
+    out = weighted_rows(rows, values, neighbours)
     assert out.shape == (12, 5, 3)
     torch.testing.assert_close(out, (rows @ values.reshape(40, -1)).reshape(12, 5, 3))
     assert not out[3].any()
     assert out.data_ptr() != values.data_ptr()
     buffer = torch.full((12, 5, 3), float("nan"))  # a dead buffer: every element must be overwritten
-    written = weighted_rows(rows, values, out=buffer)
+    written = weighted_rows(rows, values, neighbours, out=buffer)
     assert written.data_ptr() == buffer.data_ptr()
     torch.testing.assert_close(written, out)
     square = values[:12]
     with pytest.raises(ValueError, match="out must be"):
-        weighted_rows(rows[:, :12], square, out=square)  # writing into the values being read would corrupt them
+        # writing into the values being read would corrupt them
+        weighted_rows(rows[:, :12], square, sparse_neighbours(rows[:, :12]), out=square)
 
 
 @pytest.mark.parametrize("n", [2, 3, 8])

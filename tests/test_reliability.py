@@ -9,14 +9,10 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from distributed_utils import NONDETERMINISTIC, run_cli
+from distributed_utils import deterministic, run_cli
 
 RUN = ["train", "--strategy", "local-sgd", "--dataset", "digits", "--model", "mlp:64-32-10", "--workers", "3",
        "--epochs", "3", "--eval-every", "0.5", "--set", "local-sgd.local_steps=5", "--set", "momentum=0.9"]
-
-
-def deterministic(rows: pd.DataFrame) -> pd.DataFrame:
-    return rows.drop(columns=[c for c in rows.columns if c in NONDETERMINISTIC])
 
 
 @pytest.fixture(scope="module")
