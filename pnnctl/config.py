@@ -103,7 +103,7 @@ class RunConfig:
     timeout_s: float = 60.0
     """seconds after which a dead or hung rank ends the run"""
     precision: str = "fp32"
-    """fp32 | tf32 | bf16 (bf16 autocast on CUDA only)"""
+    """fp32 | tf32 (CUDA only) | bf16 (autocast, on CUDA or the CPU)"""
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     """options of the synthetic dataset"""
     options: Mapping[str, Any] = field(default_factory=dict)

@@ -13,7 +13,6 @@ the run folder; rank 0 alone writes results.
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 import math
@@ -37,7 +36,7 @@ from pnnctl.io import append_csv_row, atomic_write_bytes, atomic_write_text, rep
 from pnnctl.network import parse_network
 from pnnctl.runtime import Runtime, detect_runtime, keep_freed_cpu_memory, peak_memory_bytes, resolve_device
 from pnnctl.schema import METRIC_COLUMNS
-from pnnctl.training import evaluate, model_is_finite
+from pnnctl.training import evaluate, model_is_finite, precision_context
 from pnnctl.workers import Comm, Ledger, LocalComm, WorkerGroup
 from strategies import get_strategy
 from strategies.base import RoundResult, StrategyContext
@@ -318,15 +317,13 @@ def train(
     device = resolve_device(config.device, runtime.local_rank)
     if device.type == "cpu":
         keep_freed_cpu_memory()
-    if config.precision != "fp32" and device.type != "cuda":
-        raise UsageError("precision", f"{config.precision} needs a CUDA device; use fp32 on {device}")
+    if config.precision == "tf32" and device.type != "cuda":
+        raise UsageError("precision", f"tf32 needs a CUDA device; use fp32 or bf16 on {device}")
     if config.precision == "tf32":
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     # bf16: every round runs under autocast, so strategies need no precision code of their own.
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if config.precision == "bf16" else contextlib.nullcontext()
-    )
+    autocast = precision_context(device, config.precision)
     strategy_cls = get_strategy(config.strategy)
     options = config.strategy_options()
     n_workers = config.effective_workers

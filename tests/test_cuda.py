@@ -30,8 +30,8 @@ def test_every_strategy_trains_on_cuda(strategy: str, precision: str, tmp_path: 
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on machines without CUDA")
-def test_cuda_or_bf16_without_a_gpu_is_a_clear_error(tmp_path: Path) -> None:
-    for changes in ({"device": "cuda"}, {"precision": "bf16"}):
+def test_cuda_or_tf32_without_a_gpu_is_a_clear_error(tmp_path: Path) -> None:
+    for changes in ({"device": "cuda"}, {"precision": "tf32"}):
         config = validate(RunConfig(dataset="digits", model="mlp:64-16-10", out=str(tmp_path), **changes))
         with pytest.raises(UsageError) as error:
             train(config)
