@@ -29,6 +29,7 @@ from common import machine, print_table
 import pnnctl.workers
 from pnnctl.config import RunConfig, SyntheticConfig, validate
 from pnnctl.errors import UsageError
+from pnnctl.runtime import wait_for_gpu
 from pnnctl.trainer import train
 from strategies import STRATEGIES
 
@@ -42,10 +43,12 @@ class TimedNeighbourSums:
         pnnctl.workers.weighted_rows = self
 
     def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+        wait_for_gpu()
         start = time.perf_counter()
         try:
             return self.inner(*args, **kwargs)
         finally:
+            wait_for_gpu()
             self.seconds += time.perf_counter() - start
 
 

@@ -52,20 +52,25 @@ class TorchComm:
         self.world_size = dist.get_world_size()
         self.backend = backend
         self.device = device
+        self.wire_device = device if backend == "nccl" else torch.device("cpu")
         self.wire_bytes_sent = 0.0
         self.bookkeeping_bytes = 0.0
 
     def _on_device(self, t: Tensor) -> Tensor:
-        # nccl needs CUDA tensors; gloo takes CPU tensors (and copies CUDA ones itself).
-        return t.contiguous() if self.backend != "nccl" else t.to(self.device).contiguous()
+        # nccl needs CUDA tensors. gloo's send/recv hand the tensor's pointer to its TCP transport
+        # without checking where it lives, so a CUDA tensor goes through host memory.
+        return t.to(self.wire_device).contiguous()
 
     def all_reduce_sum(self, t: Tensor, inplace: bool = False) -> Tensor:
-        """Sum over ranks; ``inplace`` reduces the caller's own (contiguous) buffer without a copy."""
-        in_place = inplace and t.is_contiguous() and (self.backend != "nccl" or t.is_cuda)
-        out = t if in_place else self._on_device(t.clone())
+        """Sum over ranks. ``inplace``: the sum is written into ``t`` (and returned), which goes on the
+        wire itself when it can (contiguous, on the wire's device), else through a copy."""
+        direct = inplace and t.is_contiguous() and t.device == self.wire_device
+        out = t if direct else self._on_device(t.clone())
         p = self.world_size
         self.wire_bytes_sent += 2 * (p - 1) / p * out.numel() * out.element_size()
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
+        if inplace and not direct:
+            return t.copy_(out)
         return out.to(t.device)
 
     def all_gather_blocks(self, t: Tensor, block_sizes: list[int], bookkeeping: bool = False) -> Tensor:
@@ -90,8 +95,7 @@ class TorchComm:
         dist.send(self._on_device(t), dst_rank)
 
     def recv_from(self, shape: tuple[int, ...], dtype: torch.dtype, src_rank: int) -> Tensor:
-        device = self.device if self.backend == "nccl" else torch.device("cpu")
-        buffer = torch.empty(shape, dtype=dtype, device=device)
+        buffer = torch.empty(shape, dtype=dtype, device=self.wire_device)
         dist.recv(buffer, src_rank)
         return buffer.to(self.device)
 
@@ -123,13 +127,13 @@ class TorchComm:
 
     def any_true(self, flag: bool) -> bool:
         """True on every rank if any rank says True (a stop request, an error)."""
-        value = torch.tensor([1.0 if flag else 0.0], device=self.device if self.backend == "nccl" else "cpu")
+        value = torch.tensor([1.0 if flag else 0.0], device=self.wire_device)
         self.bookkeeping_bytes += 2 * (self.world_size - 1) / self.world_size * value.element_size()
         dist.all_reduce(value, op=dist.ReduceOp.MAX)
         return bool(value.item() > 0)
 
     def min_int(self, value: int) -> int:
-        tensor = torch.tensor([value], dtype=torch.long, device=self.device if self.backend == "nccl" else "cpu")
+        tensor = torch.tensor([value], dtype=torch.long, device=self.wire_device)
         dist.all_reduce(tensor, op=dist.ReduceOp.MIN)
         return int(tensor.item())
 
@@ -141,9 +145,7 @@ class TorchComm:
 
     def gather_floats(self, values: list[float]) -> list[list[float]]:
         """Every rank's short list of floats (per-rank peak memory and wire bytes for metrics)."""
-        local = torch.tensor(values, dtype=torch.float64)
-        if self.backend == "nccl":
-            local = local.to(self.device)
+        local = torch.tensor(values, dtype=torch.float64, device=self.wire_device)
         parts = [torch.empty_like(local) for _ in range(self.world_size)]
         dist.all_gather(parts, local)
         return [part.cpu().tolist() for part in parts]
@@ -174,13 +176,12 @@ def _run_rank(config: RunConfig, *, resume: bool, progress: Any) -> Any:
     from pnnctl.trainer import train
 
     runtime = detect_runtime()
-    device = resolve_device(config.device, runtime.local_rank)
+    device = resolve_device(config.device, runtime.local_rank, runtime.local_world_size)
     backend = choose_backend(config, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
     # On one machine the ranks share its cores; give each its share so they do not oversubscribe.
-    local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE", runtime.world_size))
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, local_ranks)))
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, runtime.local_world_size)))
     if os.environ.get("MASTER_ADDR", "127.0.0.1") in ("127.0.0.1", "localhost"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=config.timeout_s))

@@ -134,6 +134,9 @@ class StackedBatchNorm(nn.Module):
                 self.running_var.fill_(1.0)
 
     def forward(self, x: Tensor) -> Tensor:
+        # Under bf16 autocast x arrives in bf16: statistics over a batch in bf16 keep 2-3 digits, and
+        # lerp_ into the fp32 running buffers refuses a bf16 end. Normalise in fp32 (a no-op in fp32).
+        x = x.float()
         # Reduce over batch and spatial dims, keep worker (0) and feature (2) dims.
         reduce_dims = [1, *range(3, x.dim())]
         view = (x.shape[0], 1, x.shape[2]) + (1,) * (x.dim() - 3)

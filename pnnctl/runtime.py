@@ -23,6 +23,7 @@ class Runtime:
     rank: int
     world_size: int
     local_rank: int
+    local_world_size: int = 1  # ranks on this machine (torchrun's LOCAL_WORLD_SIZE)
 
     @property
     def distributed(self) -> bool:
@@ -36,26 +37,56 @@ class Runtime:
 def detect_runtime() -> Runtime:
     if "RANK" not in os.environ:
         return Runtime(rank=0, world_size=1, local_rank=0)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
     return Runtime(
         rank=int(os.environ["RANK"]),
-        world_size=int(os.environ.get("WORLD_SIZE", "1")),
+        world_size=world_size,
         local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+        local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world_size))),
     )
 
 
-def resolve_device(requested: str, local_rank: int = 0) -> torch.device:
-    """``auto`` picks CUDA when present (one GPU per local rank), else the CPU."""
+def resolve_device(
+    requested: str, local_rank: int = 0, local_ranks: int = 1, cuda_devices: int | None = None
+) -> torch.device:
+    """The device of local rank ``local_rank`` of ``local_ranks`` on this machine: one GPU per rank.
+
+    ``auto`` picks CUDA when every local rank gets a GPU of its own, else the CPU: nccl refuses two
+    ranks on one GPU, so ``cuda`` with fewer GPUs than ranks, or ``cuda:K`` under several ranks, is a
+    usage error. ``cuda_devices`` stands in for ``torch.cuda.device_count()`` (tests).
+    """
     if requested == "cpu":
         return torch.device("cpu")
-    cuda = torch.cuda.is_available()
+    if cuda_devices is None:
+        cuda_devices = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if requested == "auto":
-        return torch.device("cuda", local_rank % torch.cuda.device_count()) if cuda else torch.device("cpu")
-    if not cuda:
+        return torch.device("cuda", local_rank) if 0 < local_ranks <= cuda_devices else torch.device("cpu")
+    if cuda_devices == 0:
         raise UsageError("device", f"{requested} was asked for but no CUDA device is available; use cpu or auto")
-    index = int(requested.split(":")[1]) if ":" in requested else local_rank % torch.cuda.device_count()
-    if index >= torch.cuda.device_count():
-        raise UsageError("device", f"{requested}: only {torch.cuda.device_count()} CUDA devices are present")
+    if ":" in requested:
+        if local_ranks > 1:
+            raise UsageError(
+                "device", f"{requested} would put all {local_ranks} ranks of this machine on one GPU; use cuda "
+                "(one GPU per rank)"
+            )
+        index = int(requested.split(":")[1])
+    else:
+        if local_ranks > cuda_devices:
+            raise UsageError(
+                "device", f"cuda: {local_ranks} ranks on this machine need a GPU each and {cuda_devices} are "
+                f"present; use cpu or at most {cuda_devices} processes"
+            )
+        index = local_rank
+    if index >= cuda_devices:
+        raise UsageError("device", f"{requested}: only {cuda_devices} CUDA devices are present")
     return torch.device("cuda", index)
+
+
+def wait_for_gpu() -> None:
+    """Let queued CUDA work finish (nothing to do where CUDA was never used), so that a timer read
+    next counts it: kernels and nccl collectives return as soon as they are queued."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
 
 
 def peak_memory_bytes(device: torch.device) -> int:

@@ -34,7 +34,14 @@ from pnnctl.errors import UsageError
 from pnnctl.faults import fault_point
 from pnnctl.io import append_csv_row, atomic_write_bytes, atomic_write_text, repair_csv_tail
 from pnnctl.network import parse_network
-from pnnctl.runtime import Runtime, detect_runtime, keep_freed_cpu_memory, peak_memory_bytes, resolve_device
+from pnnctl.runtime import (
+    Runtime,
+    detect_runtime,
+    keep_freed_cpu_memory,
+    peak_memory_bytes,
+    resolve_device,
+    wait_for_gpu,
+)
 from pnnctl.schema import METRIC_COLUMNS
 from pnnctl.training import evaluate, model_is_finite, precision_context
 from pnnctl.workers import Comm, Ledger, LocalComm, WorkerGroup
@@ -314,16 +321,17 @@ def train(
     """Run (or resume) one training run into ``<out>/<run_id>/`` and return its rows and summary."""
     progress = progress or NullProgress()
     runtime = runtime or detect_runtime()
-    device = resolve_device(config.device, runtime.local_rank)
+    device = resolve_device(config.device, runtime.local_rank, runtime.local_world_size)
     if device.type == "cpu":
         keep_freed_cpu_memory()
+    else:
+        # Each run's own peak: compare runs its cells one after another in this process.
+        torch.cuda.reset_peak_memory_stats(device)
     if config.precision == "tf32" and device.type != "cuda":
         raise UsageError("precision", f"tf32 needs a CUDA device; use fp32 or bf16 on {device}")
-    if config.precision == "tf32":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    # bf16: every round runs under autocast, so strategies need no precision code of their own.
-    autocast = precision_context(device, config.precision)
+    # Every round runs under the run's precision (bf16: autocast), so strategies need no precision
+    # code of their own; evaluations run in fp32 (tf32 in a tf32 run).
+    eval_precision = "tf32" if config.precision == "tf32" else "fp32"
     strategy_cls = get_strategy(config.strategy)
     options = config.strategy_options()
     n_workers = config.effective_workers
@@ -397,8 +405,9 @@ def train(
     def make_row(status: str) -> dict[str, Any]:
         model = strategy.eval_model()
         finite = model_is_finite(model)
-        test_loss, test_acc = evaluate(model, x_test, y_test) if finite else (float("nan"), float("nan"))
-        extras = {**state.extras, **strategy.eval_extras()}
+        with precision_context(device, eval_precision):
+            test_loss, test_acc = evaluate(model, x_test, y_test) if finite else (float("nan"), float("nan"))
+            extras = {**state.extras, **strategy.eval_extras()}
         totals = ledger.totals()
         per_rank = shared_comm.gather_floats([float(peak_memory_bytes(device)), shared_comm.wire_bytes_sent])
         ranks[:] = [
@@ -487,8 +496,9 @@ def train(
             started = time.perf_counter()
             collectives_before = group.collective_s
             try:
-                with autocast:
+                with precision_context(device, config.precision):
                     result = strategy.run_round()
+                wait_for_gpu()
             except RuntimeError as exc:
                 # torch refuses a float32 overflow (say, Adam's lr / (1 - beta1) past 3.4e38): that is divergence.
                 if "overflow" not in str(exc):

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import Tensor
@@ -128,17 +127,29 @@ def make_optimizer(
     raise ValueError(f"unknown optimizer {name!r}")
 
 
-def precision_context(device: torch.device, precision: str) -> contextlib.AbstractContextManager[Any]:
-    """What a whole round runs under: bf16 autocast for ``bf16``, nothing for fp32 and tf32.
+@contextlib.contextmanager
+def precision_context(device: torch.device, precision: str) -> Iterator[None]:
+    """What a round (or an evaluation) runs under; a new one each time, restoring what it changed.
 
-    The cast cache is off because a round holds many optimizer steps: autocast keeps the bf16 copy
-    of a leaf parameter until its region ends, so every step after the first would compute with the
-    weights of the first (local-sgd on digits fell to 17% where fp32 reaches 86%). Each forward
-    casts its weights once either way, so the cache saved nothing here.
+    ``fp32`` and ``bf16`` set CUDA's fp32 matmuls and convolutions to IEEE fp32 (cuDNN's default
+    lets convolutions use TF32 on Ampere and later, so "fp32" conv runs were TF32), ``tf32`` to TF32;
+    a tf32 run used to switch TF32 on for the rest of the process, every later run of a compare too.
+    ``bf16`` adds autocast with its cast cache off: a round holds many optimizer steps, and autocast
+    keeps the bf16 copy of a leaf parameter until its region ends, so every step after the first
+    computed with the first step's weights (local-sgd on digits fell to 17% where fp32 reaches 86%).
+    The models use each weight once per forward, so the cache saved no casts here.
     """
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False)
-    return contextlib.nullcontext()
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = matmul.fp32_precision, conv.fp32_precision
+    matmul.fp32_precision = conv.fp32_precision = "tf32" if precision == "tf32" else "ieee"
+    try:
+        if precision == "bf16":
+            with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):
+                yield
+        else:
+            yield
+    finally:
+        matmul.fp32_precision, conv.fp32_precision = before
 
 
 def stacked_cross_entropy(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from pnnctl.network import NetworkModel
+from pnnctl.runtime import wait_for_gpu
 
 
 def ring_all_reduce_bytes(n_workers: int, size_bytes: float) -> tuple[float, int]:
@@ -208,10 +209,12 @@ def _timed(method: F) -> F:
 
     @functools.wraps(method)
     def wrapper(self: WorkerGroup, *args: Any, **kwargs: Any) -> Any:
+        wait_for_gpu()  # the caller's queued kernels are not the collective's time
         start = time.perf_counter()
         try:
             return method(self, *args, **kwargs)
         finally:
+            wait_for_gpu()
             self.collective_s += time.perf_counter() - start
 
     return wrapper  # type: ignore[return-value]

@@ -623,11 +623,15 @@ class Consensus(GraphStrategy):
         v = d + 2.0 * lam * w
         scale = self.share / batch  # s_i = m_i / (M B)
         flat_x = x.reshape(*x.shape[:2], -1)
-        gram, jv = single_hidden_layer_products(self.template, self.unflatten(w), self.unflatten(v), flat_x)
-        n, rows = gram.shape[0], gram.shape[1]
-        jv = jv.reshape(n, rows)
-        system = gram + torch.diag_embed((c / scale).unsqueeze(1).expand(n, rows))
-        u = torch.linalg.solve(system, jv.unsqueeze(-1)).reshape(n, batch, -1)
+        # The Gram system stays in fp32 under --precision bf16: a bf16 Gram matrix is a poor system to
+        # solve, and CUDA's autocast (unlike the CPU's) leaves linalg.solve alone, so a bf16 right-hand
+        # side (models without biases) met an fp32 matrix there and raised.
+        with torch.autocast(self.ctx.device.type, enabled=False):
+            gram, jv = single_hidden_layer_products(self.template, self.unflatten(w), self.unflatten(v), flat_x)
+            n, rows = gram.shape[0], gram.shape[1]
+            jv = jv.reshape(n, rows)
+            system = gram + torch.diag_embed((c / scale).unsqueeze(1).expand(n, rows))
+            u = torch.linalg.solve(system, jv.unsqueeze(-1)).reshape(n, batch, -1)
         w_req = w.detach().requires_grad_(True)
         with torch.enable_grad():
             (jtu,) = torch.autograd.grad(self.forward(w_req, x), w_req, grad_outputs=u)

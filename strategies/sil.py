@@ -478,7 +478,8 @@ class SIL(Strategy):
         noise = torch.Generator(device=self.ctx.device)
         noise.manual_seed(stream_seed(self.ctx.config.seed, k, _NOISE_SALT + self.epoch))
         last = k == self.n_parts - 1
-        total, steps = 0.0, 0
+        # Summed on the device: float() per step would wait for the GPU at every step.
+        total, steps = torch.zeros((), dtype=torch.float64, device=self.ctx.device), 0
         for start in range(0, len(order), batch):
             index = order[start : start + batch]
             y = y_train[index]
@@ -494,9 +495,9 @@ class SIL(Strategy):
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            total += float(loss.detach())
+            total += loss.detach()
             steps += 1
-        return total / steps
+        return float(total) / steps
 
     def _join(self) -> None:
         if self.options.reset_optimizer:

@@ -15,7 +15,7 @@ from distributed_utils import NONDETERMINISTIC, assert_states_match, load_block_
 from pnnctl.config import RunConfig
 from pnnctl.errors import UsageError
 from pnnctl.network import parse_network
-from pnnctl.training import evaluate
+from pnnctl.training import evaluate, precision_context
 from pnnctl.workers import Ledger, WorkerGroup
 from strategies.consensus import (
     TrackingState,
@@ -436,3 +436,29 @@ def test_two_process_run_equals_simulation(tmp_path: Path) -> None:
     rows = assert_runs_agree(config, tmp_path, nproc=2)
     extras = [json.loads(e) for e in rows["extras"]]
     assert extras[-1]["consensus_error"] > 0 and rows["bytes_sent_max_worker"].iloc[-1] > 0
+
+
+@pytest.mark.parametrize("model", ["mlp:64-5-10", "mlp:64-5-10,bias=false"])
+def test_gauss_newton_step_solves_in_fp32_under_bf16(small_config, build_strategy, model: str,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # CUDA's autocast, unlike the CPU's, does not cast linalg.solve's operands to fp32: without biases
+    # a bf16 right-hand side met the fp32 matrix there and raised. The system must reach the solver
+    # in fp32 with autocast off, as it would on CUDA.
+    options = {"surrogate": "gauss-newton", "loss": "squared", "lam": 0.01, "tau": 3.0, "topology": "ring"}
+    config = small_config(strategy="consensus", workers=2, batch_size=3, model=model, options=options)
+    strategy = build_strategy(config)
+    w = strategy.state.w
+    d = torch.randn(w.shape, generator=torch.Generator().manual_seed(0))
+    fp32 = strategy.gauss_newton_step(w, d)
+    solve, seen = torch.linalg.solve, []
+
+    def spy(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        seen.append((a.dtype, b.dtype, torch.is_autocast_enabled("cpu")))
+        return solve(a, b)
+
+    monkeypatch.setattr(torch.linalg, "solve", spy)
+    with precision_context(torch.device("cpu"), "bf16"):
+        bf16 = strategy.gauss_newton_step(w, d)
+    assert seen == [(torch.float32, torch.float32, False)]
+    assert bf16.dtype == torch.float32
+    assert torch.allclose(bf16, fp32, rtol=0, atol=1e-2 * float((fp32 - w).abs().max()))

@@ -40,6 +40,34 @@ def test_fp32_runs_without_autocast() -> None:
         assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32
 
 
+def test_tf32_is_on_exactly_inside_a_tf32_context_and_restored_after() -> None:
+    # cuDNN's default allows TF32 convolutions, so fp32 must say ieee; a tf32 run once left TF32 on
+    # for every later run in the process (compare runs its cells in one).
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    before = (matmul.fp32_precision, conv.fp32_precision)
+    for precision, mode in (("fp32", "ieee"), ("bf16", "ieee"), ("tf32", "tf32")):
+        with precision_context(torch.device("cpu"), precision):  # the modes are process-wide either way
+            assert (matmul.fp32_precision, conv.fp32_precision) == (mode, mode)
+        assert (matmul.fp32_precision, conv.fp32_precision) == before
+    with pytest.raises(ZeroDivisionError), precision_context(torch.device("cpu"), "tf32"):
+        _ = 1 / 0
+    assert (matmul.fp32_precision, conv.fp32_precision) == before
+
+
+def test_batch_norm_keeps_fp32_running_statistics_under_bf16() -> None:
+    model = build_model("mlp:64-32-10,bn=running", 2, (1, 8, 8), 10, seed=0)
+    reference = build_model("mlp:64-32-10,bn=running", 2, (1, 8, 8), 10, seed=0)
+    x = torch.rand(2, 16, 1, 8, 8)
+    with precision_context(torch.device("cpu"), "bf16"):
+        model(x)  # lerp_ of a bf16 batch mean into the fp32 running mean raised here
+    reference(x)
+    means = [b for name, b in model.named_buffers() if name.endswith("running_mean")]
+    expected = [b for name, b in reference.named_buffers() if name.endswith("running_mean")]
+    assert means and all(m.dtype == torch.float32 for m in means)
+    for got, want in zip(means, expected, strict=True):
+        assert torch.allclose(got, want, atol=2e-3)  # statistics of bf16-rounded inputs, taken in fp32
+
+
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_every_strategy_trains_in_bf16_as_well_as_in_fp32(strategy: str, tmp_path: Path) -> None:
     # psl's exponential loss diverges under plain SGD at this lr; its L-BFGS master is the quick choice.
