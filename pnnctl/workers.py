@@ -439,7 +439,7 @@ class WorkerGroup:
     def mix(
         self, t: Tensor, weights: Tensor, tag: str = "mix", new_messages: bool = True, out: Tensor | None = None
     ) -> Tensor:
-        """Neighbour averaging: worker i gets ``sum_j weights[i, j] * t[j]`` (``weights`` is ``[N, N]``).
+        """Neighbour averaging: worker i gets ``sum_j weights[i, j] * t[j]`` (``weights``: ``[N, N]``, any device).
 
         Returns a new tensor (never a view of ``t``), which callers may update in place, or writes
         into ``out``: a dead ``[n_local, ...]`` buffer the caller no longer reads, other than ``t``.
@@ -449,7 +449,7 @@ class WorkerGroup:
         weights and its tracker together), so only bytes are added.
         """
         n = self.n_workers
-        plan = self._graph_plan(weights, t.dtype)
+        plan = self._graph_plan(weights, t)
         size = tensor_bytes(t)
         sent, recv, msgs = self.ledger.zeros(), self.ledger.zeros(), self.ledger.zeros()
         sent[:n] = plan.out_degree * size
@@ -460,28 +460,33 @@ class WorkerGroup:
         everyone = self.comm.neighbor_exchange(t, self.blocks, plan.peer_ranks)
         return weighted_rows(plan.local_rows, everyone, plan.neighbours, out=out)
 
-    def _graph_plan(self, weights: Tensor, dtype: torch.dtype) -> _GraphPlan:
-        """Degrees, peer ranks and this rank's rows of ``weights``, kept while the same tensor comes back.
+    def _graph_plan(self, weights: Tensor, t: Tensor) -> _GraphPlan:
+        """Degrees, peer ranks and this rank's rows of ``weights`` (for ``t``'s device and dtype), kept
+        while the same tensor comes back.
 
         A static graph hands mix the same weights every iteration; recomputing this each time cost
-        about as much as a 4-agent ring's whole neighbour sum.
+        about as much as a 4-agent ring's whole neighbour sum. The degrees and peers come from a CPU
+        copy (the weights usually live there): on a GPU each would be a wait for the device, and a
+        time-varying graph brings new weights every iteration. Only this rank's rows go to ``t``'s device.
         """
         plan = self._graph
         if (
             plan is not None
             and plan.weights is weights
             and plan.version == weights._version
-            and plan.local_rows.dtype == dtype
+            and plan.local_rows.dtype == t.dtype
+            and plan.local_rows.device == t.device
         ):
             return plan
-        edges = (weights != 0).clone()
+        host = weights.cpu()
+        edges = (host != 0).clone()
         edges.fill_diagonal_(False)
-        local_rows = weights[self.local_workers.start : self.local_workers.stop].to(dtype)
+        local_rows = host[self.local_workers.start : self.local_workers.stop].to(device=t.device, dtype=t.dtype)
         self._graph = plan = _GraphPlan(
             weights=weights,
             version=weights._version,
-            out_degree=edges.sum(dim=0).double().cpu().numpy(),  # column j: who receives from j
-            in_degree=edges.sum(dim=1).double().cpu().numpy(),
+            out_degree=edges.sum(dim=0).double().numpy(),  # column j: who receives from j
+            in_degree=edges.sum(dim=1).double().numpy(),
             peer_ranks=self._peer_ranks(edges),
             local_rows=local_rows,
             neighbours=sparse_neighbours(local_rows),
