@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import interleaved, machine, print_table
 
 from pnnctl.models import build_model
-from pnnctl.runtime import keep_freed_cpu_memory
+from pnnctl.runtime import keep_freed_cpu_memory, wait_for_gpu
 from pnnctl.training import make_optimizer, stacked_cross_entropy
 
 SPEC = "mlp:784-256-256-10"
@@ -74,7 +74,6 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     kept = device.type == "cpu" and not args.system_malloc and keep_freed_cpu_memory()
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     rows = []
     for n in (int(v) for v in args.workers.split(",")):
         stacked, model = stacked_step_fn(n, args.batch, device)
@@ -84,7 +83,7 @@ def main() -> None:
             def timed() -> None:
                 for _ in range(args.steps):
                     step()
-                sync()
+                wait_for_gpu()
 
             return timed
 

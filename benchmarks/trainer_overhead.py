@@ -23,6 +23,7 @@ import itertools
 from common import machine, matmul_peak_gflops, print_table
 
 from pnnctl.config import RunConfig, SyntheticConfig, validate
+from pnnctl.runtime import wait_for_gpu
 from pnnctl.trainer import prepare_data, train
 
 WIDTHS = (784, 512, 512, 512, 512, 512, 47)
@@ -50,8 +51,7 @@ def hand_loop(x: torch.Tensor, y: torch.Tensor, batch: int, epochs: int, seed: i
             loss = nn.functional.cross_entropy(model(x[index]), y[index])
             loss.backward()
             optimizer.step()
-    if x.device.type == "cuda":
-        torch.cuda.synchronize()
+    wait_for_gpu()
     return time.perf_counter() - start
 
 

@@ -56,16 +56,19 @@ class TorchComm:
         self.wire_bytes_sent = 0.0
         self.bookkeeping_bytes = 0.0
 
-    def _on_device(self, t: Tensor) -> Tensor:
-        # nccl needs CUDA tensors. gloo's send/recv hand the tensor's pointer to its TCP transport
-        # without checking where it lives, so a CUDA tensor goes through host memory.
-        return t.to(self.wire_device).contiguous()
+    def _to_wire(self, t: Tensor, copy: bool = False) -> Tensor:
+        """``t`` contiguous on the wire's device (``copy``: never ``t``'s own memory), one copy at most.
+
+        nccl needs CUDA tensors. gloo's send/recv hand the tensor's pointer to its TCP transport
+        without checking where it lives, so a CUDA tensor goes through host memory.
+        """
+        return t.to(self.wire_device, memory_format=torch.contiguous_format, copy=copy)
 
     def all_reduce_sum(self, t: Tensor, inplace: bool = False) -> Tensor:
         """Sum over ranks. ``inplace``: the sum is written into ``t`` (and returned), which goes on the
         wire itself when it can (contiguous, on the wire's device), else through a copy."""
         direct = inplace and t.is_contiguous() and t.device == self.wire_device
-        out = t if direct else self._on_device(t.clone())
+        out = t if direct else self._to_wire(t, copy=True)
         p = self.world_size
         self.wire_bytes_sent += 2 * (p - 1) / p * out.numel() * out.element_size()
         dist.all_reduce(out, op=dist.ReduceOp.SUM)
@@ -76,7 +79,7 @@ class TorchComm:
     def all_gather_blocks(self, t: Tensor, block_sizes: list[int], bookkeeping: bool = False) -> Tensor:
         """Concatenate every rank's ``[block, ...]`` tensor along dim 0 (blocks may differ by one)."""
         largest = max(block_sizes)
-        local = self._on_device(t)
+        local = self._to_wire(t)
         if local.shape[0] < largest:
             pad = local.new_zeros((largest - local.shape[0], *local.shape[1:]))
             local = torch.cat([local, pad])
@@ -92,7 +95,7 @@ class TorchComm:
     def send_to(self, t: Tensor, dst_rank: int) -> None:
         """Point-to-point: this rank's tensor to ``dst_rank`` (which calls :meth:`recv_from`)."""
         self.wire_bytes_sent += t.numel() * t.element_size()
-        dist.send(self._on_device(t), dst_rank)
+        dist.send(self._to_wire(t), dst_rank)
 
     def recv_from(self, shape: tuple[int, ...], dtype: torch.dtype, src_rank: int) -> Tensor:
         buffer = torch.empty(shape, dtype=dtype, device=self.wire_device)
@@ -104,7 +107,7 @@ class TorchComm:
         symmetric); returns all N slices with the blocks of non-peers left zero. Bytes on the wire:
         one block per peer, as a graph's neighbour exchange costs."""
         largest = max(block_sizes)
-        local = self._on_device(t)
+        local = self._to_wire(t)
         if local.shape[0] < largest:
             local = torch.cat([local, local.new_zeros((largest - local.shape[0], *local.shape[1:]))])
         received = {peer: torch.empty_like(local) for peer in peers}

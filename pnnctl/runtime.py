@@ -85,7 +85,7 @@ def resolve_device(
 def wait_for_gpu() -> None:
     """Let queued CUDA work finish (nothing to do where CUDA was never used), so that a timer read
     next counts it: kernels and nccl collectives return as soon as they are queued."""
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if torch.cuda.is_initialized():
         torch.cuda.synchronize()
 
 

@@ -331,8 +331,6 @@ class GraphStrategy(Strategy):
         topology = parse_topology(options.topology, f"{self.name}.topology")
         base = parse_topology(options.base_topology, f"{self.name}.base_topology")
         self.graphs = GraphSequence(topology, n, options.graph_seed, options.window, base)
-        # Kept on the CPU: mix plans from a host copy and moves only its own rows to the device.
-        self._static_weights = self.graphs.base_weights
         self.iteration = 0
         self._x_test: Tensor | None = None
         self.last_index: Tensor | None = None
@@ -391,8 +389,8 @@ class GraphStrategy(Strategy):
         return grad, losses.detach()
 
     def weights(self) -> Tensor:
-        if not self.graphs.time_varying:
-            return self._static_weights
+        # On the CPU (a static graph's one tensor every time): mix plans from a host copy and moves
+        # only its own rows to the device.
         return self.graphs.weights_at(self.iteration)
 
     # -- the round ---------------------------------------------------------------------------------

@@ -29,6 +29,16 @@ def is_timing_column(name: str) -> bool:
     return name in TIMING_COLUMNS or (name.endswith("_s") and name != "comm_s")
 
 
+def every_strategy_config(strategy: str, out: Path, **fields: Any) -> Any:
+    """The config the every-strategy tests train: digits, mlp 64-64-64-10, 2 workers, 2 epochs, lr 0.1."""
+    from pnnctl.config import RunConfig, validate
+
+    # psl's exponential loss diverges under plain SGD at this lr; its L-BFGS master is the quick choice.
+    options = {"optimizer": "lbfgs"} if strategy == "psl" else {}
+    return validate(RunConfig(strategy=strategy, dataset="digits", model="mlp:64-64-64-10", workers=2, epochs=2.0,
+                              lr=0.1, out=str(out), options=options, **fields))  # fmt: skip
+
+
 @pytest.fixture
 def one_thread() -> Iterator[None]:
     """Run torch on one thread: the machine is shared, and 2 threads contending are ~10x slower."""

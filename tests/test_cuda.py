@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import every_strategy_config
 
 from pnnctl.config import RunConfig, validate
 from pnnctl.errors import UsageError
@@ -19,12 +20,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_every_strategy_trains_on_cuda(strategy: str, precision: str, tmp_path: Path) -> None:
-    # psl's exponential loss diverges under plain SGD at this lr; its L-BFGS master is the quick choice.
-    options = {"optimizer": "lbfgs"} if strategy == "psl" else {}
-    config = validate(RunConfig(strategy=strategy, dataset="digits", model="mlp:64-64-64-10", workers=2,
-                                epochs=2.0, lr=0.1, device="cuda", precision=precision, out=str(tmp_path),
-                                options=options))
-    result = train(config)
+    result = train(every_strategy_config(strategy, tmp_path, device="cuda", precision=precision))
     assert result.status == "finished"
     assert float(result.rows[-1]["test_acc"]) > 0.5
 

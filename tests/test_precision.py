@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import every_strategy_config
 
-from pnnctl.config import RunConfig, validate
 from pnnctl.models import build_model
 from pnnctl.trainer import train
 from pnnctl.training import precision_context
@@ -70,14 +70,9 @@ def test_batch_norm_keeps_fp32_running_statistics_under_bf16() -> None:
 
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
 def test_every_strategy_trains_in_bf16_as_well_as_in_fp32(strategy: str, tmp_path: Path) -> None:
-    # psl's exponential loss diverges under plain SGD at this lr; its L-BFGS master is the quick choice.
-    options = {"optimizer": "lbfgs"} if strategy == "psl" else {}
     results = {}
     for precision in ("fp32", "bf16"):
-        config = validate(RunConfig(strategy=strategy, dataset="digits", model="mlp:64-64-64-10", workers=2,
-                                    epochs=2.0, lr=0.1, precision=precision, out=str(tmp_path / precision),
-                                    options=options))  # fmt: skip
-        results[precision] = train(config)
+        results[precision] = train(every_strategy_config(strategy, tmp_path / precision, precision=precision))
     fp32, bf16 = (results[p].rows[-1] for p in ("fp32", "bf16"))
     assert results["bf16"].status == "finished"
     # bf16 really ran (its rounding moves the training loss) and learned as much as fp32 did; with a
