@@ -4,7 +4,10 @@ share of time spent in the worker group's collectives and ledger (goal < 5% in s
 The share is ``collective_s / compute_s`` from the metrics. A second column splits out the part of it
 spent in graph mixing's neighbour-weighted sums (``pnnctl.workers.weighted_rows``, timed here by a
 wrapper): arithmetic a real agent does on the vectors it received, as opposed to moving data and
-keeping the ledger.
+keeping the ledger. A third gives the sums' rate in GB/s, counting the fewest bytes they must move
+(every neighbour row read once per use, every output row written once), and its ratio to a streaming
+``c = a + 0.5 b`` over the same working set measured right after the cell: near 1x the sums are
+memory-bound, and only moving fewer bytes (not faster arithmetic) would shrink them.
 
 Each cell trains through the real trainer on `synthetic` data with a 784-256-256-10 MLP (strategies
 that need another model get their default through --model-for) for a fixed sample budget.
@@ -24,7 +27,7 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine, print_table
+from common import machine, median_seconds, print_table
 
 import pnnctl.workers
 from pnnctl.config import RunConfig, SyntheticConfig, validate
@@ -35,21 +38,53 @@ from strategies import STRATEGIES
 
 
 class TimedNeighbourSums:
-    """Wraps ``pnnctl.workers.weighted_rows`` (looked up at call time by WorkerGroup.mix) to add up its seconds."""
+    """Wraps ``pnnctl.workers.weighted_rows`` (looked up at call time by WorkerGroup.mix) to add up its
+    seconds and the fewest bytes it could have moved: each neighbour's row read once per use and each
+    output row written once (a dense product: every row read once)."""
 
     def __init__(self) -> None:
-        self.seconds = 0.0
         self.inner = pnnctl.workers.weighted_rows
         pnnctl.workers.weighted_rows = self
+        self.reset()
 
-    def __call__(self, *args: Any, **kwargs: Any) -> torch.Tensor:
+    def reset(self) -> None:
+        self.seconds = 0.0
+        self.bytes = 0
+        self.largest: torch.Tensor | None = None  # the biggest mixed state's shape (meta), for the reference
+
+    def __call__(
+        self, rows: torch.Tensor, values: torch.Tensor, neighbours: Any, out: torch.Tensor | None = None
+    ) -> torch.Tensor:
         wait_for_gpu()
         start = time.perf_counter()
         try:
-            return self.inner(*args, **kwargs)
+            return self.inner(rows, values, neighbours, out=out)
         finally:
             wait_for_gpu()
             self.seconds += time.perf_counter() - start
+            reads = values.shape[0] if neighbours is None else sum(len(pairs) for pairs in neighbours)
+            self.bytes += (reads + rows.shape[0]) * values[0].numel() * values.element_size()
+            if self.largest is None or values.numel() > self.largest.numel():
+                self.largest = torch.empty_like(values, device="meta")
+
+
+def streaming_add_gbps(like: torch.Tensor, device: str) -> float:
+    """GB/s of ``c = a + 0.5 b`` on tensors the shape of ``like``: what memory-bound arithmetic reaches here."""
+    a, b, c = (torch.rand(like.shape, dtype=like.dtype, device=device) for _ in range(3))
+
+    def add() -> None:
+        torch.add(a, b, alpha=0.5, out=c)
+        wait_for_gpu()
+
+    return 3 * like.numel() * like.element_size() / median_seconds(add, repeats=7) / 1e9
+
+
+def sums_bandwidth(sums: TimedNeighbourSums, device: str) -> str:
+    """The neighbour sums' rate against streaming arithmetic on the same working set (1.0x: memory-bound)."""
+    if sums.largest is None or sums.seconds == 0:
+        return "-"
+    achieved = sums.bytes / sums.seconds / 1e9
+    return f"{achieved:.0f} ({achieved / streaming_add_gbps(sums.largest, device):.2f}x)"
 
 
 def main() -> None:
@@ -76,10 +111,10 @@ def main() -> None:
                     ))
                     if STRATEGIES[name].single_worker and n > 1:
                         continue
-                    neighbour_sums.seconds = 0.0
+                    neighbour_sums.reset()
                     result = train(config)
                 except UsageError as exc:
-                    rows.append([name, str(n), "-", "-", "-", "-", "-", f"n/a: {exc}"[:60]])
+                    rows.append([name, str(n), "-", "-", "-", "-", "-", "-", f"n/a: {exc}"[:60]])
                     continue
             last = result.rows[-1]
             rounds = max(int(last["round"]), 1)
@@ -88,13 +123,13 @@ def main() -> None:
             rows.append([
                 name, str(n), f"{compute / rounds * 1e3:.1f}", f"{samples / compute / n:,.0f}",
                 f"{samples / compute:,.0f}", f"{float(last['collective_s']) / compute:.1%}",
-                f"{neighbour_sums.seconds / compute:.1%}", "",
+                f"{neighbour_sums.seconds / compute:.1%}", sums_bandwidth(neighbour_sums, args.device), "",
             ])
     print_table(
         f"strategy scaling: {args.model}, synthetic 784-d, batch {args.batch}/worker, {args.samples} samples per "
         f"cell, simulated on {args.device}; {machine()}",
         ["strategy", "N", "ms/round", "samples/s/worker", "samples/s total", "collectives+ledger share",
-         "of which neighbour sums", "note"],
+         "of which neighbour sums", "sums GB/s (x streaming add)", "note"],
         rows,
     )
 

@@ -214,13 +214,14 @@ def test_mix_over_a_graph_is_weights_times_values_and_costs_one_payload_per_edge
     assert_round(ledger, expected)
 
 
-@pytest.mark.parametrize("density", [0.0, 0.05, 0.2, 0.5, 1.0])  # below 0.2 the row-by-row path, above the product
+@pytest.mark.parametrize("density", [0.0, 0.05, 0.2, 0.5, 1.0])  # up to a third non-zero row by row, above the product
 def test_weighted_rows_equals_the_matrix_product_at_every_density(density: float) -> None:
     generator = torch.Generator().manual_seed(7)
     rows = torch.rand(12, 40, generator=generator) * (torch.rand(12, 40, generator=generator) < density)
     rows[3] = 0.0  # a row with no neighbours gives zeros
     values = torch.randn(40, 5, 3, generator=generator)
     neighbours = sparse_neighbours(rows)
+    assert (neighbours is None) == (density >= 0.5)
     out = weighted_rows(rows, values, neighbours)
     assert out.shape == (12, 5, 3)
     torch.testing.assert_close(out, (rows @ values.reshape(40, -1)).reshape(12, 5, 3))
@@ -234,6 +235,14 @@ def test_weighted_rows_equals_the_matrix_product_at_every_density(density: float
     with pytest.raises(ValueError, match="out must be"):
         # writing into the values being read would corrupt them
         weighted_rows(rows[:, :12], square, sparse_neighbours(rows[:, :12]), out=square)
+
+
+@pytest.mark.parametrize(("n", "complete", "row_by_row"), [(1, True, True), (3, True, True), (4, True, False),
+                                                          (4, False, True), (16, False, True), (64, False, True)])
+def test_small_graphs_and_rings_sum_row_by_row_on_the_cpu(n: int, complete: bool, row_by_row: bool) -> None:
+    # Up to 3 terms a row (every ring, a complete graph of 3, one agent) the row sums beat the product.
+    weights = torch.full((n, n), 1.0 / n) if complete else ring_weights(n)[0]
+    assert (sparse_neighbours(weights) is not None) == row_by_row
 
 
 @pytest.mark.parametrize("n", [2, 3, 8])
