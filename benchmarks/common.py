@@ -21,8 +21,8 @@ def median_seconds(fn: Callable[[], None], repeats: int = 5, warmup: int = 1) ->
     return statistics.median(times)
 
 
-def interleaved(fns: dict[str, Callable[[], None]], repeats: int = 5) -> dict[str, float]:
-    """Median seconds of each function, run alternately so drifts of the machine hit all alike."""
+def interleaved(fns: dict[str, Callable[[], None]], repeats: int = 5) -> dict[str, list[float]]:
+    """Seconds of each repeat of each function, run alternately so drifts of the machine hit all alike."""
     for fn in fns.values():
         fn()  # warm-up
     samples: dict[str, list[float]] = {name: [] for name in fns}
@@ -31,7 +31,13 @@ def interleaved(fns: dict[str, Callable[[], None]], repeats: int = 5) -> dict[st
             start = time.perf_counter()
             fn()
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(values) for name, values in samples.items()}
+    return samples
+
+
+def paired_ratios(slower: list[float], faster: list[float]) -> list[float]:
+    """``slower[i] / faster[i]`` of repeats measured side by side, sorted: their median is the speed-up
+    least moved by the machine's drift (each pair saw the same machine)."""
+    return sorted(s / f for s, f in zip(slower, faster, strict=True))
 
 
 def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:

@@ -1,8 +1,10 @@
 """N simulated workers held stacked (one batched kernel) against a Python loop over N models.
 
 MLP 784-256-256-10, batch 32 per worker, SGD; one optimizer step of every worker, measured
-alternately in one run. Goal: stacked >= 1.5x the loop at N = 16. Also reports the memory per
-simulated worker at N = 64 (parameters, gradients and activations actually allocated).
+alternately in one run; the speed-up is the median over repeats of loop / stacked time of the pair
+measured side by side, with the lowest and highest pair beside it. Goal: stacked >= 1.5x the loop
+at N = 16. Also reports the memory per simulated worker at N = 64 (parameters, gradients and
+activations actually allocated).
 
     python benchmarks/stacked_workers.py [--workers 4,16,64] [--steps 20] [--device cpu] [--system-malloc]
 
@@ -13,6 +15,7 @@ On the CPU glibc is told to keep freed memory, as ``pnnctl train`` does (pnnctl.
 from __future__ import annotations
 
 import argparse
+import statistics
 import sys
 from pathlib import Path
 
@@ -20,7 +23,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved, machine, print_table
+from common import interleaved, machine, paired_ratios, print_table
 
 from pnnctl.models import build_model
 from pnnctl.runtime import keep_freed_cpu_memory, wait_for_gpu
@@ -67,7 +70,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--workers", default="4,16,64")
     parser.add_argument("--steps", type=int, default=20, help="steps per timed repeat")
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--system-malloc", action="store_true", help="leave glibc's malloc settings alone")
@@ -88,7 +91,8 @@ def main() -> None:
             return timed
 
         times = interleaved({"stacked": run(stacked), "loop": run(looped)}, repeats=args.repeats)
-        per_step = {k: v / args.steps for k, v in times.items()}
+        per_step = {k: statistics.median(v) / args.steps for k, v in times.items()}
+        ratios = paired_ratios(times["loop"], times["stacked"])
         params = model.worker_parameter_count()
         # What a simulated worker occupies: parameters + gradients (fp32) + its activations for backward.
         activations = args.batch * (784 + 256 + 256 + 256 + 256 + 10)
@@ -97,15 +101,16 @@ def main() -> None:
             str(n),
             f"{per_step['stacked'] * 1e3:.2f}",
             f"{per_step['loop'] * 1e3:.2f}",
-            f"{per_step['loop'] / per_step['stacked']:.2f}x",
+            f"{statistics.median(ratios):.2f}x",
+            f"{ratios[0]:.2f}-{ratios[-1]:.2f}x",
             f"{n * args.batch / per_step['stacked']:,.0f}",
             f"{per_worker_mb:.2f}",
         ])
     print_table(
         f"stacked workers vs per-worker loop: {SPEC}, batch {args.batch}/worker, SGD, median of {args.repeats} x "
         f"{args.steps} steps; {machine()}; device {device}; malloc keeps freed memory: {kept}",
-        ["N", "stacked ms/step", "loop ms/step", "speed-up (goal >= 1.5 at N=16)", "samples/s stacked",
-         "MB per simulated worker"],
+        ["N", "stacked ms/step", "loop ms/step", "speed-up (goal >= 1.5 at N=16)", "pair speed-ups",
+         "samples/s stacked", "MB per simulated worker"],
         rows,
     )
 
