@@ -9,10 +9,13 @@ keeping the ledger. A third gives the sums' rate in GB/s, counting the fewest by
 ``c = a + 0.5 b`` over the same working set measured right after the cell: near 1x the sums are
 memory-bound, and only moving fewer bytes (not faster arithmetic) would shrink them.
 
-Each cell trains through the real trainer on `synthetic` data with a 784-256-256-10 MLP (strategies
-that need another model get their default through --model-for) for a fixed sample budget.
+Each cell trains through the real trainer on `synthetic` data with a 784-256-256-10 MLP for a fixed
+sample budget. sil cuts the network into one part per worker and this MLP has 3 linear layers, so sil
+runs at its own worker counts (``--workers-for sil=2,3``, the default); cells a strategy refuses are
+listed with its reason.
 
     python benchmarks/strategy_scaling.py [--workers 1,4,16,64,256] [--strategies all] [--samples 20000]
+        [--workers-for sil=2,3] [--batch 16]
 """
 
 from __future__ import annotations
@@ -95,13 +98,20 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--model", default="mlp:784-256-256-10")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--workers-for", action="append", metavar="STRATEGY=N,N", default=None,
+                        help="worker counts for one strategy instead of --workers (repeatable; default sil=2,3)")
     args = parser.parse_args()
     names = list(STRATEGIES) if args.strategies == "all" else args.strategies.split(",")
+    counts = {name: [int(w) for w in args.workers.split(",")] for name in names}
+    for item in args.workers_for or ["sil=2,3"]:
+        name, _, values = item.partition("=")
+        if name in counts:
+            counts[name] = [int(w) for w in values.split(",")]
     synthetic = SyntheticConfig(samples=max(args.samples * 5 // 4, 1000), dim=784, classes=10)
     rows = []
     neighbour_sums = TimedNeighbourSums()
     for name in names:
-        for n in (int(w) for w in args.workers.split(",")):
+        for n in counts[name]:
             with tempfile.TemporaryDirectory() as out:
                 try:
                     config = validate(RunConfig(

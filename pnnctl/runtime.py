@@ -90,16 +90,55 @@ def wait_for_gpu() -> None:
 
 
 def peak_memory_bytes(device: torch.device) -> int:
-    """Peak memory of this process: allocated CUDA memory on a GPU, resident set size on the CPU."""
+    """Peak memory since the last :func:`reset_peak_memory`: allocated CUDA memory on a GPU, resident
+    set size on the CPU (Linux's VmHWM; elsewhere the process's lifetime peak, ru_maxrss)."""
     if device.type == "cuda":
         return int(torch.cuda.max_memory_allocated(device))
+    try:
+        with open("/proc/self/status", encoding="ascii") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
     import resource
 
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
+def reset_peak_memory(device: torch.device) -> None:
+    """Start the peak-memory record afresh, so that a run reports its own peak.
+
+    compare runs its cells one after another in one process: without this every cell reported the
+    running maximum of the cells before it. On a GPU the allocator's peak statistics are reset. On
+    the CPU glibc first hands back the heap kept from earlier runs (``keep_freed_cpu_memory`` never
+    trims it), then Linux's high-water mark is reset to the present resident set (``clear_refs``);
+    where either is missing the peak stays the process's.
+    """
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        return
+    trim = getattr(_libc(), "malloc_trim", None)
+    if trim is not None:
+        trim(0)
+    try:
+        with open("/proc/self/clear_refs", "w", encoding="ascii") as clear_refs:
+            clear_refs.write("5")
+    except OSError:
+        pass
+
+
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_MAX = -1, -4
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    try:
+        return ctypes.CDLL(name) if name else None
+    except OSError:
+        return None
 
 
 @functools.cache
@@ -115,9 +154,5 @@ def keep_freed_cpu_memory() -> bool:
     """
     if os.environ.get("PNNCTL_SYSTEM_MALLOC", "") not in ("", "0"):
         return False
-    name = ctypes.util.find_library("c")
-    try:
-        mallopt = ctypes.CDLL(name).mallopt if name else None
-    except (OSError, AttributeError):
-        mallopt = None
+    mallopt = getattr(_libc(), "mallopt", None)
     return mallopt is not None and bool(mallopt(_M_MMAP_MAX, 0)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))

@@ -36,7 +36,7 @@ METRIC_COLUMNS: tuple[str, ...] = (
     "comm_s",  # projected communication seconds under the run's network model
     "projected_s",  # worker_compute_s + comm_s: projected wall time with one machine per worker
     "network",  # the network preset (or "custom:<latency>,<bandwidth>") behind comm_s
-    "peak_rss_bytes",  # measured peak memory: RSS on CPU, max_memory_allocated on CUDA; largest over ranks
+    "peak_rss_bytes",  # this run's measured peak memory: RSS on CPU, max_memory_allocated on CUDA; largest over ranks
     "wire_bytes_sent_max_rank",  # bytes handed to torch.distributed by the busiest rank (0 when simulated)
     "bytes_sent_master",  # a parameter-server master (ledger slot N); 0 for strategies without one
     "bytes_recv_master",

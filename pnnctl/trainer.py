@@ -39,6 +39,7 @@ from pnnctl.runtime import (
     detect_runtime,
     keep_freed_cpu_memory,
     peak_memory_bytes,
+    reset_peak_memory,
     resolve_device,
     wait_for_gpu,
 )
@@ -324,9 +325,7 @@ def train(
     device = resolve_device(config.device, runtime.local_rank, runtime.local_world_size)
     if device.type == "cpu":
         keep_freed_cpu_memory()
-    else:
-        # Each run's own peak: compare runs its cells one after another in this process.
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_peak_memory(device)
     if config.precision == "tf32" and device.type != "cuda":
         raise UsageError("precision", f"tf32 needs a CUDA device; use fp32 or bf16 on {device}")
     # Every round runs under the run's precision (bf16: autocast), so strategies need no precision

@@ -20,8 +20,11 @@ import torch
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-#: Columns of metrics.csv that measure time or memory on this machine, so differ between two runs.
-TIMING_COLUMNS = frozenset({"wall_s", "compute_s", "collective_s", "projected_s", "peak_rss_bytes"})
+#: Columns of metrics.csv (and summary.json's per-rank fields) that measure time or memory on this
+#: machine, so differ between two runs.
+TIMING_COLUMNS = frozenset(
+    {"wall_s", "compute_s", "collective_s", "projected_s", "peak_rss_bytes", "peak_memory_bytes"}
+)
 
 
 def is_timing_column(name: str) -> bool:

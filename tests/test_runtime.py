@@ -11,9 +11,11 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from pnnctl.config import RunConfig, validate
 from pnnctl.distributed import TorchComm, free_port
 from pnnctl.errors import UsageError
 from pnnctl.runtime import detect_runtime, resolve_device
+from pnnctl.trainer import train
 
 
 @pytest.mark.parametrize(
@@ -94,3 +96,19 @@ def test_in_place_sums_land_in_the_callers_tensor_even_through_a_copy(tmp_path: 
         assert torch.equal(got["strided"], expected)
         assert torch.equal(got["fresh"], total[:, 2])
         assert torch.equal(got["base_after"], base * (rank + 1))  # without inplace the input is left alone
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux's resettable VmHWM")
+def test_each_run_in_a_process_reports_its_own_peak_memory(tmp_path: Path) -> None:
+    # compare runs its cells in one process: a small run after a big one must not report the big
+    # one's peak (it did, when the peak was the process's ru_maxrss).
+    def peak(model: str, name: str) -> int:
+        config = validate(RunConfig(strategy="centralized", dataset="digits", model=model, epochs=1.0,
+                                    optimizer="adam", lr=1e-3, device="cpu", out=str(tmp_path), run_name=name))
+        return int(train(config).rows[-1]["peak_rss_bytes"])
+
+    # 2 x 4096^2 weights with gradients and two Adam moments: ~270 MB that the small run never holds.
+    big = peak("mlp:*-4096-4096-*", "big")
+    small = peak("mlp:*-32-*", "small")
+    assert small < big - 150e6
+    assert peak("mlp:*-4096-4096-*", "big-again") > small + 150e6

@@ -401,6 +401,8 @@ class InterruptAtEpoch:
 def _without_timing(value):
     if isinstance(value, dict):
         return {k: _without_timing(v) for k, v in value.items() if not is_timing_column(k)}
+    if isinstance(value, list):  # summary.json's per-rank records
+        return [_without_timing(v) for v in value]
     return value
 
 
