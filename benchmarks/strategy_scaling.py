@@ -107,16 +107,19 @@ def main() -> None:
         name, _, values = item.partition("=")
         if name in counts:
             counts[name] = [int(w) for w in values.split(",")]
-    synthetic = SyntheticConfig(samples=max(args.samples * 5 // 4, 1000), dim=784, classes=10)
     rows = []
     neighbour_sums = TimedNeighbourSums()
     for name in names:
+        # sil trains its parts apart for at least one epoch before its recovery epoch (joined): the same
+        # sample budget over two epochs of half the data.
+        epochs = 2 if name == "sil" else 1
+        synthetic = SyntheticConfig(samples=max(args.samples * 5 // 4 // epochs, 1000), dim=784, classes=10)
         for n in counts[name]:
             with tempfile.TemporaryDirectory() as out:
                 try:
                     config = validate(RunConfig(
                         strategy=name, dataset="synthetic", model=args.model, workers=n, batch_size=args.batch,
-                        epochs=1.0, eval_every=1000.0, device=args.device, synthetic=synthetic, out=out,
+                        epochs=float(epochs), eval_every=1000.0, device=args.device, synthetic=synthetic, out=out,
                         checkpoint_every=1000000,
                     ))
                     if STRATEGIES[name].single_worker and n > 1:
