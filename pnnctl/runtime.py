@@ -11,6 +11,7 @@ import ctypes
 import ctypes.util
 import functools
 import os
+import sys
 from dataclasses import dataclass
 
 import torch
@@ -103,7 +104,8 @@ def peak_memory_bytes(device: torch.device) -> int:
         pass
     import resource
 
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
+    # ru_maxrss is in kilobytes on Linux and in bytes on macOS.
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
 
 
 def reset_peak_memory(device: torch.device) -> None:

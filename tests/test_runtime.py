@@ -112,3 +112,26 @@ def test_each_run_in_a_process_reports_its_own_peak_memory(tmp_path: Path) -> No
     small = peak("mlp:*-32-*", "small")
     assert small < big - 150e6
     assert peak("mlp:*-4096-4096-*", "big-again") > small + 150e6
+
+
+@pytest.mark.parametrize(("platform", "unit"), [("linux", 1024), ("darwin", 1)])
+def test_peak_memory_without_proc_falls_back_to_ru_maxrss_in_bytes(monkeypatch, platform: str, unit: int) -> None:
+    import builtins
+    import resource
+
+    from pnnctl import runtime
+
+    real_open = builtins.open
+
+    def no_proc(path, *args, **kwargs):
+        if str(path).startswith("/proc/"):
+            raise OSError("no /proc here")
+        return real_open(path, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "open", no_proc)
+    monkeypatch.setattr(runtime.sys, "platform", platform)
+    runtime.reset_peak_memory(torch.device("cpu"))  # nothing to reset: must not raise
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    measured = runtime.peak_memory_bytes(torch.device("cpu"))
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    assert before * unit <= measured <= after * unit  # kilobytes on Linux, bytes on macOS
