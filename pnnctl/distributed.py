@@ -125,6 +125,27 @@ class TorchComm:
             parts.append(block[:size] if block is not None else local.new_zeros((size, *local.shape[1:])))
         return torch.cat(parts).to(t.device)
 
+    def exchange_pieces(
+        self, outgoing: dict[int, Tensor], incoming: dict[int, int], dtype: torch.dtype
+    ) -> dict[int, Tensor]:
+        """Point to point, all pairs at once: ``outgoing[r]`` (1-D) goes to rank r, and ``incoming[r]``
+        elements come from it (both sides know the sizes; empty pieces are not sent). Bytes on the
+        wire: the pieces sent."""
+        operations = []
+        for peer, piece in outgoing.items():
+            if piece.numel():
+                wire = self._to_wire(piece)
+                self.wire_bytes_sent += wire.numel() * wire.element_size()
+                operations.append(dist.P2POp(dist.isend, wire, peer))
+        received = {
+            peer: torch.empty(size, dtype=dtype, device=self.wire_device) for peer, size in incoming.items() if size
+        }
+        operations += [dist.P2POp(dist.irecv, buffer, peer) for peer, buffer in received.items()]
+        if operations:
+            for request in dist.batch_isend_irecv(operations):
+                request.wait()
+        return {peer: buffer.to(self.device) for peer, buffer in received.items()}
+
     def barrier(self) -> None:
         dist.barrier()
 

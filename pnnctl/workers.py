@@ -152,6 +152,10 @@ class Comm(Protocol):
 
     def send_to(self, t: Tensor, dst_rank: int) -> None: ...
 
+    def exchange_pieces(
+        self, outgoing: dict[int, Tensor], incoming: dict[int, int], dtype: torch.dtype
+    ) -> dict[int, Tensor]: ...
+
     def recv_from(self, shape: tuple[int, ...], dtype: torch.dtype, src_rank: int) -> Tensor: ...
 
     def any_true(self, flag: bool) -> bool: ...
@@ -184,6 +188,13 @@ class LocalComm:
 
     def send_to(self, t: Tensor, dst_rank: int) -> None:
         raise RuntimeError("a single process has no other rank to send to")
+
+    def exchange_pieces(
+        self, outgoing: dict[int, Tensor], incoming: dict[int, int], dtype: torch.dtype
+    ) -> dict[int, Tensor]:
+        if outgoing or incoming:
+            raise RuntimeError("a single process has no other rank to exchange with")
+        return {}
 
     def recv_from(self, shape: tuple[int, ...], dtype: torch.dtype, src_rank: int) -> Tensor:
         raise RuntimeError("a single process has no other rank to receive from")
@@ -508,6 +519,27 @@ class WorkerGroup:
     def rank_of(self, worker: int) -> int:
         """The rank holding logical worker ``worker``."""
         return int(np.searchsorted(np.cumsum(self.blocks), worker, side="right"))
+
+    @_timed
+    def exchange_pieces(
+        self, outgoing: dict[int, Tensor], incoming: dict[int, int], dtype: torch.dtype
+    ) -> dict[int, Tensor]:
+        """Irregular point-to-point traffic between ranks: ``outgoing[r]`` (1-D) to rank r, and
+        ``incoming[r]`` elements from it. The caller records the logical traffic (``record_p2p``);
+        only these bytes go on the wire. Returns the received pieces by rank."""
+        return self.comm.exchange_pieces(outgoing, incoming, dtype)
+
+    @_timed
+    def take_from_owners(self, t: Tensor, owner_rank: Tensor) -> Tensor:
+        """Each element of ``t`` (same shape on every rank) as rank ``owner_rank[...]`` holds it.
+
+        For a model stored sharded across ranks, to evaluate or save it whole: bookkeeping, like the
+        evaluation gathers, so neither ledger nor wire bytes.
+        """
+        if self.comm.world_size == 1:
+            return t
+        everyone = self.comm.all_gather_blocks(t.unsqueeze(0), [1] * self.comm.world_size, bookkeeping=True)
+        return everyone.gather(0, owner_rank.unsqueeze(0)).squeeze(0)
 
     @_timed
     def send(

@@ -110,8 +110,14 @@ averaging, the model above, the two system variants. Interpretations (papers.md 
   keeps the published behaviour for the authors' model and makes BN-free models train.
 - the output bias of models with biases is averaged (GIST); CNN channels as units (our reading);
   the sharded variant's ownership rule above (the authors' layout is not published).
-- the simulation keeps the whole master on every process (replicated, updated identically from
-  gathered subnets); the ``sharded`` traffic is what the shards would exchange.
+- ``central`` under ``--nproc`` keeps the whole master on every process (replicated, updated
+  identically from all-gathered subnets), so its wire bytes are not the ledger's. ``sharded`` keeps a
+  whole-size master per process too, but a process's copy is current only on its own workers' shards:
+  down, each process cuts its subnets from its copy and receives the other shards' pieces from their
+  owners; up, it sends every trained piece back to the process that stores it (one batched
+  point-to-point exchange each way). With one worker per process the bytes on the wire are exactly
+  the ledger's (tested). Evaluation and checkpoints first take every element from its owner
+  (bookkeeping, like the evaluation gathers).
 
 Commands::
 
@@ -364,6 +370,9 @@ class IndependentSubnetTraining(Strategy):
         self.partition: Partition | None = None
         self.trained = False
         self._owners = self._unit_owners()
+        # sharded over several ranks: a rank's master is current only on its own workers' shards
+        self._ranks_of_workers = torch.tensor([group.rank_of(w) for w in range(self.n_workers)], device=ctx.device)
+        self._master_stale = False
 
     # -- shapes ------------------------------------------------------------------------------------
 
@@ -537,6 +546,40 @@ class IndependentSubnetTraining(Strategy):
         arange = torch.arange(self.n_workers)
         return [arange.repeat_interleave(sizes).to(self.ctx.device) for sizes in self.sizes]
 
+    def master_owners(self) -> list[Tensor]:
+        """Per rule, the worker whose shard stores each element of the master tensor (sharded variant):
+        the owner of its unit along ``owner_dim``, or of its block of classes for the output bias."""
+        out = []
+        for rule in self.layout.rules:
+            owner = rule.owner_dim
+            if owner is None:
+                sizes = torch.tensor(group_sizes(math.prod(rule.shape), self.n_workers), device=self.ctx.device)
+                owners = torch.arange(self.n_workers, device=self.ctx.device).repeat_interleave(sizes)
+                out.append(owners.reshape(rule.shape))
+                continue
+            axis = rule.axes[owner]
+            along = self._owners[axis.layer].repeat_interleave(axis.span)
+            view = [1] * len(rule.shape)
+            view[owner] = rule.shape[owner]
+            out.append(along.reshape(view).expand(rule.shape))
+        return out
+
+    def piece_owners(self, partition: Partition) -> Tensor:
+        """``[P, S]``: for each element of every worker's packed subnet, the worker whose shard stores it
+        (-1 for the padding of uneven groups). Row p counts ``piece_elements(partition)[p]``."""
+        pieces = []
+        for rule, owners in zip(self.layout.rules, self.master_owners(), strict=True):
+            if rule.shared:
+                pieces.append(owners.unsqueeze(0).expand(self.n_workers, *owners.shape))
+                continue
+            piece = owners[self._indices(rule, partition)]
+            if self.uneven:
+                mask = self._real_mask(rule, [partition.mask[a.layer] if a else None for a in rule.axes])
+                if mask is not None:
+                    piece = torch.where(mask.to(piece.device), piece, -1)
+            pieces.append(piece)
+        return self._pack(pieces)
+
     def piece_elements(self, partition: Partition) -> np.ndarray:
         """``[P, P]``: elements of worker p's subnet stored in worker q's shard (sharded variant)."""
         n = self.n_workers
@@ -574,6 +617,73 @@ class IndependentSubnetTraining(Strategy):
 
     # -- one round ----------------------------------------------------------------------------------
 
+    def _piece_owner_ranks(self, partition: Partition) -> Tensor:
+        """``[P, S]``: the rank whose shards store each packed subnet element (-1: padding)."""
+        owners = self.piece_owners(partition)
+        return torch.where(owners >= 0, self._ranks_of_workers[owners.clamp(min=0)], -1)
+
+    def _rank_workers(self, rank: int) -> slice:
+        start = sum(self.ctx.group.blocks[:rank])
+        return slice(start, start + self.ctx.group.blocks[rank])
+
+    def _fetch_pieces(self, everything: Tensor, owner_ranks: Tensor | None) -> Tensor:
+        """Sharded, down: this rank's subnets, their pieces from the ranks that store them.
+
+        Each rank cuts every subnet from its own master, which is current only on its shards: it
+        keeps its own elements and receives the others from their owners (``piece[p, q]`` elements
+        from shard q to subnet p, as the ledger counts). With one rank nothing moves.
+        """
+        group = self.ctx.group
+        mine = slice(self.local.start, self.local.stop)
+        block = everything[mine]
+        if owner_ranks is None:
+            return block
+        rank = group.comm.rank
+        outgoing, incoming = {}, {}
+        for other in range(group.comm.world_size):
+            if other != rank:
+                theirs = self._rank_workers(other)
+                outgoing[other] = everything[theirs][owner_ranks[theirs] == rank]
+                incoming[other] = int((owner_ranks[mine] == other).sum())
+        block = block.clone()
+        for other, values in group.exchange_pieces(outgoing, incoming, everything.dtype).items():
+            block[owner_ranks[mine] == other] = values
+        return block
+
+    def _return_pieces(self, everything: Tensor, trained: Tensor, owner_ranks: Tensor | None) -> Tensor:
+        """Sharded, up: every subnet's trained pieces back to the ranks that store them; returns all
+        ``[P, S]`` subnets as this rank's write-back needs them (current on its own shards only)."""
+        group = self.ctx.group
+        if owner_ranks is None:
+            return trained
+        rank, mine = group.comm.rank, slice(self.local.start, self.local.stop)
+        outgoing, incoming = {}, {}
+        for other in range(group.comm.world_size):
+            if other != rank:
+                theirs = self._rank_workers(other)
+                outgoing[other] = trained[owner_ranks[mine] == other]
+                incoming[other] = int((owner_ranks[theirs] == rank).sum())
+        everyone = everything.clone()
+        everyone[mine] = trained
+        for other, values in group.exchange_pieces(outgoing, incoming, trained.dtype).items():
+            theirs = everyone[self._rank_workers(other)]  # a view: written in place
+            theirs[owner_ranks[self._rank_workers(other)] == rank] = values
+        # Elements of other ranks' shards were written back stale; evaluation and checkpoints
+        # first take them from their owners.
+        self._master_stale = True
+        return everyone
+
+    def _sync_master(self) -> None:
+        """Every rank's master made whole from the owners of each element (sharded over ranks)."""
+        if not self._master_stale:
+            return
+        state = self.master.state_dict()
+        with torch.no_grad():
+            for rule, owners in zip(self.layout.rules, self.master_owners(), strict=True):
+                full = state[rule.name][0]
+                full.copy_(self.ctx.group.take_from_owners(full, self._ranks_of_workers[owners]))
+        self._master_stale = False
+
     def _load_subnets(self, block: Tensor) -> None:
         state = self.subnet.state_dict()
         with torch.no_grad():
@@ -595,7 +705,9 @@ class IndependentSubnetTraining(Strategy):
         else:
             pieces = self.piece_elements(partition)
             self._record_pieces(pieces, "down")
-            block = everything[self.local.start : self.local.stop]
+            # Who stores what matters only where pieces cross processes.
+            owner_ranks = self._piece_owner_ranks(partition) if group.comm.world_size > 1 else None
+            block = self._fetch_pieces(everything, owner_ranks)
         self._load_subnets(block)
 
         # A subnet's units change every round, so optimizer state cannot carry over (interpretation).
@@ -620,8 +732,7 @@ class IndependentSubnetTraining(Strategy):
             everyone = group.gather(trained, tag="ist_subnet_up", sizes=self.subnet_bytes)
         else:
             self._record_pieces(pieces, "up")
-            # The pieces are counted above; this moves them between processes so every replica agrees.
-            everyone = group.exchange(trained)
+            everyone = self._return_pieces(everything, trained, owner_ranks)
         self.write_back(partition, self._unpack(everyone), sent)
 
         losses = group.all_gather((loss_sum / self.options.local_steps).unsqueeze(1)).reshape(-1)
@@ -632,6 +743,7 @@ class IndependentSubnetTraining(Strategy):
     # -- evaluation, footprint, state ----------------------------------------------------------------
 
     def eval_model(self) -> StackedNet:
+        self._sync_master()
         return self.master
 
     @torch.no_grad()
@@ -682,6 +794,7 @@ class IndependentSubnetTraining(Strategy):
         return Footprint(int(params.max()), int(memory.max()))
 
     def state_dict(self) -> dict[str, Any]:
+        self._sync_master()
         return {
             "master": self.master.state_dict(),
             "subnet": self.subnet.state_dict(),

@@ -8,10 +8,11 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
-from distributed_utils import assert_simulated_equals_distributed
+from distributed_utils import assert_simulated_equals_distributed, run_cli
 from pnnctl.trainer import train
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -282,6 +283,10 @@ def test_sharded_run_charges_the_pieces_each_shard_holds(
         ledger.end_round()
         pieces = brute_force_pieces(strategy.partition, widths, workers, bias, bn)
         assert pieces.sum(axis=1).tolist() == (strategy.subnet_bytes / 4).tolist()  # the pieces make the subnet
+        # What moves under --nproc: each packed element's owner, as counted by the formula.
+        owners = strategy.piece_owners(strategy.partition)
+        counted = [torch.bincount(row[row >= 0], minlength=workers).tolist() for row in owners]
+        assert counted == pieces.tolist()
         foreign = pieces * (1 - np.eye(workers, dtype=np.int64))
         # Down, shard q sends piece[p, q] to p; up, p sends it back: per round every worker sends
         # (and receives) what its subnet takes from others plus what others take from its shard.
@@ -361,9 +366,24 @@ def test_restored_state_continues_bit_for_bit(variant: str, small_config, build_
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize(("variant", "model", "workers"), [("central", AUTHORS, 3), ("sharded", PLAIN, 2)])
+@pytest.mark.parametrize(("variant", "model", "workers"),
+                         [("central", AUTHORS, 3), ("sharded", PLAIN, 2), ("sharded", PLAIN, 3)])  # fmt: skip
 def test_two_process_run_equals_simulation(variant: str, model: str, workers: int, small_config, tmp_path) -> None:
     # 3 workers over 2 ranks: blocks of 2 and 1, and hidden widths 12/9 split 4-4-4 / 3-3-3.
     config = ist(small_config, workers, model, variant=variant, local_steps=5, batch_size=16, epochs=1.0,
                  eval_every=0.5)
     assert_simulated_equals_distributed(config, tmp_path, nproc=2)
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("model", [PLAIN, AUTHORS])
+def test_sharded_pieces_put_exactly_the_logical_bytes_on_the_wire(model: str, tmp_path: Path) -> None:
+    # One worker per process: each rank stores one shard and sends only the pieces the ledger counts
+    # (none of the subnets' elements it stores itself), down and up, point to point.
+    result = run_cli(["train", "--strategy", "ist", "--dataset", "digits", "--model", model, "--workers", "3",
+                      "--nproc", "3", "--epochs", "0.5", "--eval-every", "0.25", "--set", "ist.variant=sharded",
+                      "--set", "ist.local_steps=3", "--out", str(tmp_path)])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    rows = pd.read_csv(tmp_path / "ist-w3-s0" / "metrics.csv")
+    assert rows["bytes_sent_max_worker"].iloc[-1] > 0
+    assert (rows["wire_bytes_sent_max_rank"] == rows["bytes_sent_max_worker"]).all()
