@@ -436,13 +436,21 @@ class WorkerGroup:
     @_timed
     def gather(self, t: Tensor, tag: str = "gather", sizes: np.ndarray | None = None) -> Tensor:
         """Every worker sends its slice to the master; returns all N slices ``[N, ...]`` (on every rank)."""
-        sizes = np.full(self.n_workers, float(tensor_bytes(t))) if sizes is None else sizes
+        self._record_gather(np.full(self.n_workers, float(tensor_bytes(t))) if sizes is None else sizes, tag)
+        return self.comm.all_gather_blocks(t, self.blocks)
+
+    @_timed
+    def record_gather(self, sizes: np.ndarray, tag: str = "gather") -> None:
+        """The ledger of a :meth:`gather` of ``sizes[w]`` bytes per worker whose data needs no moving:
+        one process holding every worker and the master already has it where the master reads it."""
+        self._record_gather(sizes, tag)
+
+    def _record_gather(self, sizes: np.ndarray, tag: str) -> None:
         sent, recv, msgs = self.ledger.zeros(), self.ledger.zeros(), self.ledger.zeros()
         sent[: self.n_workers] = sizes
         msgs[: self.n_workers] = 1
         recv[self.n_workers] = sizes.sum()
         self.ledger.record(tag, sent, recv, msgs)
-        return self.comm.all_gather_blocks(t, self.blocks)
 
     @_timed
     def all_gather(self, t: Tensor) -> Tensor:

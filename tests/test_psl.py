@@ -154,7 +154,7 @@ def test_master_summed_gradient_equals_autograd_of_the_full_loss(
     strategy.run_round()  # move away from the initial point first
     index = torch.randperm(len(strategy.ctx.y_train), generator=torch.Generator().manual_seed(5))[:20]
     x, y = strategy.ctx.x_train[index], strategy.ctx.y_train[index]
-    strategy._load_stack(strategy._send(strategy.x, "test"))
+    strategy._send(strategy.x, "test")
     values, grads = strategy._evaluate(x, y, with_values=False)
     master = strategy.eval_model()
     scores = master(x[None])[0]
