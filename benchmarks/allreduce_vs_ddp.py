@@ -31,7 +31,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import itertools
 
-from common import print_table
+from common import paired_ratios, print_table
 
 
 def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
@@ -90,7 +90,7 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
         theirs.append(timed(ddp_round))
     if rank == 0:
         samples = args.steps * args.batch * world
-        pairs = sorted(d / o for o, d in zip(ours, theirs, strict=True))
+        pairs = paired_ratios(theirs, ours)
         Path(out).write_text(json.dumps({
             "pnnctl": samples / min(ours), "ddp": samples / min(theirs), "ratio": statistics.median(pairs),
             "lowest": pairs[0], "highest": pairs[-1],

@@ -318,8 +318,7 @@ class WorkerGroup:
         self.comm: Comm = comm or LocalComm()
         self.ledger = ledger
         self.blocks = block_sizes(n_workers, self.comm.world_size)
-        start = sum(self.blocks[: self.comm.rank])
-        self.local_workers = range(start, start + self.blocks[self.comm.rank])
+        self.local_workers = self.workers_of(self.comm.rank)
         self.collective_s = 0.0
         self._graph: _GraphPlan | None = None  # of the last mix
 
@@ -458,15 +457,6 @@ class WorkerGroup:
         return self.comm.all_gather_blocks(t, self.blocks, bookkeeping=True)
 
     @_timed
-    def exchange(self, t: Tensor) -> Tensor:
-        """Every worker's slice on every rank, moved as real traffic (counted as wire bytes).
-
-        For irregular exchanges whose logical per-worker bytes the strategy records itself with
-        :meth:`record_p2p` (IST's sharded pieces): this only moves the data between processes.
-        """
-        return self.comm.all_gather_blocks(t, self.blocks)
-
-    @_timed
     def mix(
         self, t: Tensor, weights: Tensor, tag: str = "mix", new_messages: bool = True, out: Tensor | None = None
     ) -> Tensor:
@@ -523,6 +513,11 @@ class WorkerGroup:
             neighbours=sparse_neighbours(local_rows),
         )
         return plan
+
+    def workers_of(self, rank: int) -> range:
+        """The logical workers rank ``rank`` holds (a contiguous block)."""
+        start = sum(self.blocks[:rank])
+        return range(start, start + self.blocks[rank])
 
     def rank_of(self, worker: int) -> int:
         """The rank holding logical worker ``worker``."""

@@ -131,6 +131,7 @@ Commands::
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
@@ -546,6 +547,7 @@ class IndependentSubnetTraining(Strategy):
         arange = torch.arange(self.n_workers)
         return [arange.repeat_interleave(sizes).to(self.ctx.device) for sizes in self.sizes]
 
+    @functools.cached_property
     def master_owners(self) -> list[Tensor]:
         """Per rule, the worker whose shard stores each element of the master tensor (sharded variant):
         the owner of its unit along ``owner_dim``, or of its block of classes for the output bias."""
@@ -568,7 +570,7 @@ class IndependentSubnetTraining(Strategy):
         """``[P, S]``: for each element of every worker's packed subnet, the worker whose shard stores it
         (-1 for the padding of uneven groups). Row p counts ``piece_elements(partition)[p]``."""
         pieces = []
-        for rule, owners in zip(self.layout.rules, self.master_owners(), strict=True):
+        for rule, owners in zip(self.layout.rules, self.master_owners, strict=True):
             if rule.shared:
                 pieces.append(owners.unsqueeze(0).expand(self.n_workers, *owners.shape))
                 continue
@@ -617,57 +619,58 @@ class IndependentSubnetTraining(Strategy):
 
     # -- one round ----------------------------------------------------------------------------------
 
-    def _piece_owner_ranks(self, partition: Partition) -> Tensor:
-        """``[P, S]``: the rank whose shards store each packed subnet element (-1: padding)."""
+    def _peers(self, partition: Partition) -> list[tuple[int, slice, Tensor, Tensor]] | None:
+        """Sharded over several processes, per other rank r: its workers, which elements of this rank's
+        packed subnets r stores, and which elements of r's subnets this rank stores (None: one process,
+        where who stores what does not matter). Both directions of a round use them."""
+        group = self.ctx.group
+        if group.comm.world_size == 1:
+            return None
         owners = self.piece_owners(partition)
-        return torch.where(owners >= 0, self._ranks_of_workers[owners.clamp(min=0)], -1)
+        ranks = torch.where(owners >= 0, self._ranks_of_workers[owners.clamp(min=0)], -1)
+        me, mine = group.comm.rank, slice(self.local.start, self.local.stop)
+        peers = []
+        for other in range(group.comm.world_size):
+            if other != me:
+                workers = group.workers_of(other)
+                theirs = slice(workers.start, workers.stop)
+                peers.append((other, theirs, ranks[mine] == other, ranks[theirs] == me))
+        return peers
 
-    def _rank_workers(self, rank: int) -> slice:
-        start = sum(self.ctx.group.blocks[:rank])
-        return slice(start, start + self.ctx.group.blocks[rank])
-
-    def _fetch_pieces(self, everything: Tensor, owner_ranks: Tensor | None) -> Tensor:
+    def _fetch_pieces(self, everything: Tensor, peers: list[tuple[int, slice, Tensor, Tensor]] | None) -> Tensor:
         """Sharded, down: this rank's subnets, their pieces from the ranks that store them.
 
         Each rank cuts every subnet from its own master, which is current only on its shards: it
         keeps its own elements and receives the others from their owners (``piece[p, q]`` elements
         from shard q to subnet p, as the ledger counts). With one rank nothing moves.
         """
-        group = self.ctx.group
-        mine = slice(self.local.start, self.local.stop)
-        block = everything[mine]
-        if owner_ranks is None:
+        block = everything[self.local.start : self.local.stop]
+        if peers is None:
             return block
-        rank = group.comm.rank
-        outgoing, incoming = {}, {}
-        for other in range(group.comm.world_size):
-            if other != rank:
-                theirs = self._rank_workers(other)
-                outgoing[other] = everything[theirs][owner_ranks[theirs] == rank]
-                incoming[other] = int((owner_ranks[mine] == other).sum())
+        outgoing = {other: everything[theirs][stored_here] for other, theirs, _, stored_here in peers}
+        incoming = {other: int(stored_there.sum()) for other, _, stored_there, _ in peers}
+        received = self.ctx.group.exchange_pieces(outgoing, incoming, everything.dtype)
         block = block.clone()
-        for other, values in group.exchange_pieces(outgoing, incoming, everything.dtype).items():
-            block[owner_ranks[mine] == other] = values
+        for other, _, stored_there, _ in peers:
+            if other in received:
+                block[stored_there] = received[other]
         return block
 
-    def _return_pieces(self, everything: Tensor, trained: Tensor, owner_ranks: Tensor | None) -> Tensor:
+    def _return_pieces(
+        self, everything: Tensor, trained: Tensor, peers: list[tuple[int, slice, Tensor, Tensor]] | None
+    ) -> Tensor:
         """Sharded, up: every subnet's trained pieces back to the ranks that store them; returns all
         ``[P, S]`` subnets as this rank's write-back needs them (current on its own shards only)."""
-        group = self.ctx.group
-        if owner_ranks is None:
+        if peers is None:
             return trained
-        rank, mine = group.comm.rank, slice(self.local.start, self.local.stop)
-        outgoing, incoming = {}, {}
-        for other in range(group.comm.world_size):
-            if other != rank:
-                theirs = self._rank_workers(other)
-                outgoing[other] = trained[owner_ranks[mine] == other]
-                incoming[other] = int((owner_ranks[theirs] == rank).sum())
+        outgoing = {other: trained[stored_there] for other, _, stored_there, _ in peers}
+        incoming = {other: int(stored_here.sum()) for other, _, _, stored_here in peers}
+        received = self.ctx.group.exchange_pieces(outgoing, incoming, trained.dtype)
         everyone = everything.clone()
-        everyone[mine] = trained
-        for other, values in group.exchange_pieces(outgoing, incoming, trained.dtype).items():
-            theirs = everyone[self._rank_workers(other)]  # a view: written in place
-            theirs[owner_ranks[self._rank_workers(other)] == rank] = values
+        everyone[self.local.start : self.local.stop] = trained
+        for other, theirs, _, stored_here in peers:
+            if other in received:
+                everyone[theirs][stored_here] = received[other]  # a view of everyone: written in place
         # Elements of other ranks' shards were written back stale; evaluation and checkpoints
         # first take them from their owners.
         self._master_stale = True
@@ -679,7 +682,7 @@ class IndependentSubnetTraining(Strategy):
             return
         state = self.master.state_dict()
         with torch.no_grad():
-            for rule, owners in zip(self.layout.rules, self.master_owners(), strict=True):
+            for rule, owners in zip(self.layout.rules, self.master_owners, strict=True):
                 full = state[rule.name][0]
                 full.copy_(self.ctx.group.take_from_owners(full, self._ranks_of_workers[owners]))
         self._master_stale = False
@@ -705,9 +708,8 @@ class IndependentSubnetTraining(Strategy):
         else:
             pieces = self.piece_elements(partition)
             self._record_pieces(pieces, "down")
-            # Who stores what matters only where pieces cross processes.
-            owner_ranks = self._piece_owner_ranks(partition) if group.comm.world_size > 1 else None
-            block = self._fetch_pieces(everything, owner_ranks)
+            peers = self._peers(partition)
+            block = self._fetch_pieces(everything, peers)
         self._load_subnets(block)
 
         # A subnet's units change every round, so optimizer state cannot carry over (interpretation).
@@ -732,7 +734,7 @@ class IndependentSubnetTraining(Strategy):
             everyone = group.gather(trained, tag="ist_subnet_up", sizes=self.subnet_bytes)
         else:
             self._record_pieces(pieces, "up")
-            everyone = self._return_pieces(everything, trained, owner_ranks)
+            everyone = self._return_pieces(everything, trained, peers)
         self.write_back(partition, self._unpack(everyone), sent)
 
         losses = group.all_gather((loss_sum / self.options.local_steps).unsqueeze(1)).reshape(-1)
