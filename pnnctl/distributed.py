@@ -213,6 +213,10 @@ def _run_rank(config: RunConfig, *, resume: bool, progress: Any) -> Any:
         comm = TorchComm(backend, device)
         result = train(config, resume=resume, progress=progress if runtime.is_main else None, comm=comm,
                        runtime=runtime)
+        # No rank tears the group down while a peer may still be in a collective or writing the
+        # run folder: a rank leaving early can abort gloo's teardown in the others (seen once in
+        # benchmarks/allreduce_vs_ddp.py as "terminate called without an active exception").
+        dist.barrier()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
