@@ -6,6 +6,13 @@ measured side by side, with the lowest and highest pair beside it. Goal: stacked
 at N = 16. Also reports the memory per simulated worker at N = 64 (parameters, gradients and
 activations actually allocated).
 
+A third side, measured alternately with the other two, is the step's batched matrix products alone
+(each layer's forward, weight gradient and, but for the first layer, input gradient: the shapes the
+step runs, on inputs that stay put): what the stacked step cannot go below on this machine. The
+"ceiling" column is loop / products: the speed-up a stacked step with nothing but its products
+would reach; "step / products" says how much the rest (activations, loss, optimizer, memory traffic
+between the products) adds.
+
     python benchmarks/stacked_workers.py [--workers 4,16,64] [--steps 20] [--device cpu] [--system-malloc]
 
 On the CPU glibc is told to keep freed memory, as ``pnnctl train`` does (pnnctl.runtime); pass
@@ -47,6 +54,27 @@ def stacked_step_fn(n: int, batch: int, device: torch.device):
     return step, model
 
 
+def products_fn(model: nn.Module, n: int, batch: int, device: torch.device):
+    """The stacked step's batched matrix products alone, on fixed inputs of the step's shapes."""
+    calls = []
+    weights = [p.detach() for name, p in model.named_parameters() if name.endswith("weight")]
+    for index, weight in enumerate(weights):
+        _, fan_in, fan_out = weight.shape
+        x = torch.randn(n, batch, fan_in, device=device)
+        grad_out = torch.randn(n, batch, fan_out, device=device)
+        bias = torch.randn(n, 1, fan_out, device=device)
+        calls.append((torch.baddbmm, (bias, x, weight)))  # forward
+        calls.append((torch.bmm, (x.transpose(1, 2), grad_out)))  # weight gradient
+        if index > 0:  # the first layer's input needs no gradient
+            calls.append((torch.bmm, (grad_out, weight.transpose(1, 2))))
+
+    def products() -> None:
+        for fn, operands in calls:
+            fn(*operands)
+
+    return products
+
+
 def loop_step_fn(n: int, batch: int, device: torch.device):
     models = [
         nn.Sequential(nn.Flatten(), nn.Linear(784, 256), nn.ReLU(), nn.Linear(256, 256), nn.ReLU(), nn.Linear(256, 10))
@@ -81,6 +109,7 @@ def main() -> None:
     for n in (int(v) for v in args.workers.split(",")):
         stacked, model = stacked_step_fn(n, args.batch, device)
         looped = loop_step_fn(n, args.batch, device)
+        products = products_fn(model, n, args.batch, device)
 
         def run(step):
             def timed() -> None:
@@ -90,7 +119,9 @@ def main() -> None:
 
             return timed
 
-        times = interleaved({"stacked": run(stacked), "loop": run(looped)}, repeats=args.repeats)
+        times = interleaved(
+            {"stacked": run(stacked), "loop": run(looped), "products": run(products)}, repeats=args.repeats
+        )
         per_step = {k: statistics.median(v) / args.steps for k, v in times.items()}
         ratios = paired_ratios(times["loop"], times["stacked"])
         params = model.worker_parameter_count()
@@ -103,6 +134,9 @@ def main() -> None:
             f"{per_step['loop'] * 1e3:.2f}",
             f"{statistics.median(ratios):.2f}x",
             f"{ratios[0]:.2f}-{ratios[-1]:.2f}x",
+            f"{per_step['products'] * 1e3:.2f}",
+            f"{statistics.median(paired_ratios(times['loop'], times['products'])):.2f}x",
+            f"{statistics.median(paired_ratios(times['stacked'], times['products'])):.2f}x",
             f"{n * args.batch / per_step['stacked']:,.0f}",
             f"{per_worker_mb:.2f}",
         ])
@@ -110,7 +144,8 @@ def main() -> None:
         f"stacked workers vs per-worker loop: {SPEC}, batch {args.batch}/worker, SGD, median of {args.repeats} x "
         f"{args.steps} steps; {machine()}; device {device}; malloc keeps freed memory: {kept}",
         ["N", "stacked ms/step", "loop ms/step", "speed-up (goal >= 1.5 at N=16)", "pair speed-ups",
-         "samples/s stacked", "MB per simulated worker"],
+         "products alone ms", "ceiling (loop / products)", "step / products", "samples/s stacked",
+         "MB per simulated worker"],
         rows,
     )
 

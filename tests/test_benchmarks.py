@@ -10,6 +10,7 @@ import pytest
 from conftest import REPO_ROOT
 
 RATIO = re.compile(r"^\d+\.\d+x$")
+RATIO_WITH_RANGE = re.compile(r"^\d+\.\d+x \(\d+\.\d+-\d+\.\d+\)$")
 
 
 def run_script(name: str, *args: str) -> list[list[str]]:
@@ -32,14 +33,18 @@ def test_stacked_workers_prints_a_speed_up_and_memory_per_worker_for_each_n() ->
     table = run_script("stacked_workers.py", "--workers", "2,3", "--steps", "2", "--repeats", "2")
     assert column(table, "N") == ["2", "3"]
     assert all(RATIO.match(v) for v in column(table, "speed-up"))
+    assert all(RATIO.match(v) for v in column(table, "ceiling") + column(table, "step / products"))
+    assert all(float(v) > 0 for v in column(table, "products alone ms"))
     assert all(float(v) > 0 for v in column(table, "MB per simulated worker"))
 
 
 def test_trainer_overhead_compares_pnnctl_with_both_hand_loops() -> None:
     table = run_script("trainer_overhead.py", "--samples", "600", "--epochs", "1", "--repeats", "1")
     assert len(table) == 4  # header + Adam() loop, fused loop, pnnctl
-    assert column(table, "vs Adam() loop")[0] == "1.000x"
-    assert all(RATIO.match(v) for v in column(table, "vs fused loop"))
+    # Each side against itself, repeat by repeat, is exactly 1.
+    assert column(table, "vs Adam() loop")[0] == "1.000x (1.000-1.000)"
+    assert column(table, "vs fused loop")[1] == "1.000x (1.000-1.000)"
+    assert all(RATIO_WITH_RANGE.match(v) for v in column(table, "vs Adam() loop") + column(table, "vs fused loop"))
 
 
 @pytest.mark.distributed
