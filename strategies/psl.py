@@ -58,15 +58,18 @@ seeded sampler that every node runs (the IST "shared seed" idea), so no indices 
     w -> master : g_w[U_w]                     gather,  4 |U_w| bytes
     master      : g = sum_w g_w (= grad L, exactly), x <- optimizer(x, g)
 
-The simulation computes masked but accounts exactly. Every worker (for plbfgs: every element) is
+The simulation computes masked but accounts bytes and memory exactly. Every worker (for plbfgs: every element) is
 a masked copy of the full net, all in one stacked forward and backward shaped ``[units, P, ...]``
 with P the most samples any unit has in the batch (padded with zero-weight samples); coordinates
 outside U_w are zeroed before the forward and in the gradient, so a worker that read one of them
 would break the gradient test. The ledger and the footprint count only U_w: exactly 4 |U_w| bytes
 each way per step, and the worker's parameters are |U_w|. The optimizer state lives at the master,
 so a worker's memory is 4 (|U_w| + its gradient buffers (|U_w|, or sum_e |U_e| for plbfgs) +
-activations of its sub-network for its expected share of the batch) bytes. Under ``--nproc`` the
-masked vectors cross processes at full length, so the wire bytes exceed the ledger's.
+activations of its sub-network for its expected share of the batch) bytes. Compute time is not
+exact: every unit runs the full network's forward and backward, so ``compute_s`` and the projected
+time overstate a worker that runs only its sub-network (most for separable nets with many workers).
+Under ``--nproc`` the masked vectors cross processes at full length, so the wire bytes exceed the
+ledger's.
 
 Master optimizers (``psl.optimizer``):
 
