@@ -17,7 +17,6 @@ import argparse
 import datetime
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
@@ -31,7 +30,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import itertools
 
-from common import paired_ratios, print_table
+from common import paired_ratio, print_table
 
 
 def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) -> None:
@@ -90,10 +89,10 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
         theirs.append(timed(ddp_round))
     if rank == 0:
         samples = args.steps * args.batch * world
-        pairs = paired_ratios(theirs, ours)
+        ratio = paired_ratio(theirs, ours)
         Path(out).write_text(json.dumps({
-            "pnnctl": samples / min(ours), "ddp": samples / min(theirs), "ratio": statistics.median(pairs),
-            "lowest": pairs[0], "highest": pairs[-1],
+            "pnnctl": samples / min(ours), "ddp": samples / min(theirs), "ratio": ratio.median,
+            "lowest": ratio.lowest, "highest": ratio.highest,
         }))
     # Every rank done before the group goes (one rank of eight runs aborted in gloo's teardown with
     # "terminate called without an active exception").

@@ -6,6 +6,7 @@ import platform
 import statistics
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 
@@ -34,10 +35,18 @@ def interleaved(fns: dict[str, Callable[[], None]], repeats: int = 5) -> dict[st
     return samples
 
 
-def paired_ratios(slower: list[float], faster: list[float]) -> list[float]:
-    """``slower[i] / faster[i]`` of repeats measured side by side, sorted: their median is the speed-up
-    least moved by the machine's drift (each pair saw the same machine)."""
-    return sorted(s / f for s, f in zip(slower, faster, strict=True))
+class PairedRatio(NamedTuple):
+    median: float
+    lowest: float
+    highest: float
+
+
+def paired_ratio(top: list[float], bottom: list[float]) -> PairedRatio:
+    """Median, lowest and highest of ``top[i] / bottom[i]`` over repeats measured side by side: the
+    median is the ratio least moved by the machine's drift (each pair saw the same machine). Times
+    of the slower side over the faster, or rates the other way round, give a speed-up."""
+    ratios = sorted(t / b for t, b in zip(top, bottom, strict=True))
+    return PairedRatio(statistics.median(ratios), ratios[0], ratios[-1])
 
 
 def matmul_peak_gflops(size: int = 2048, repeats: int = 5) -> float:

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import interleaved, machine, paired_ratios, print_table
+from common import interleaved, machine, paired_ratio, print_table
 
 from pnnctl.models import build_model
 from pnnctl.runtime import keep_freed_cpu_memory, wait_for_gpu
@@ -123,7 +123,7 @@ def main() -> None:
             {"stacked": run(stacked), "loop": run(looped), "products": run(products)}, repeats=args.repeats
         )
         per_step = {k: statistics.median(v) / args.steps for k, v in times.items()}
-        ratios = paired_ratios(times["loop"], times["stacked"])
+        speed_up = paired_ratio(times["loop"], times["stacked"])
         params = model.worker_parameter_count()
         # What a simulated worker occupies: parameters + gradients (fp32) + its activations for backward.
         activations = args.batch * (784 + 256 + 256 + 256 + 256 + 10)
@@ -132,11 +132,11 @@ def main() -> None:
             str(n),
             f"{per_step['stacked'] * 1e3:.2f}",
             f"{per_step['loop'] * 1e3:.2f}",
-            f"{statistics.median(ratios):.2f}x",
-            f"{ratios[0]:.2f}-{ratios[-1]:.2f}x",
+            f"{speed_up.median:.2f}x",
+            f"{speed_up.lowest:.2f}-{speed_up.highest:.2f}x",
             f"{per_step['products'] * 1e3:.2f}",
-            f"{statistics.median(paired_ratios(times['loop'], times['products'])):.2f}x",
-            f"{statistics.median(paired_ratios(times['stacked'], times['products'])):.2f}x",
+            f"{paired_ratio(times['loop'], times['products']).median:.2f}x",
+            f"{paired_ratio(times['stacked'], times['products']).median:.2f}x",
             f"{n * args.batch / per_step['stacked']:,.0f}",
             f"{per_worker_mb:.2f}",
         ])

@@ -12,7 +12,6 @@ sides differ (best-of rates across repeats put pnnctl at 0.95x and 1.15x the loo
 from __future__ import annotations
 
 import argparse
-import statistics
 import sys
 import tempfile
 import time
@@ -24,7 +23,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import itertools
 
-from common import machine, matmul_peak_gflops, paired_ratios, print_table
+from common import machine, matmul_peak_gflops, paired_ratio, print_table
 
 from pnnctl.config import RunConfig, SyntheticConfig, validate
 from pnnctl.runtime import wait_for_gpu
@@ -92,13 +91,16 @@ def main() -> None:
     flops_per_sample = 6 * params  # forward 2*params, backward 4*params
 
     def versus(rates: list[float], reference: list[float]) -> str:
-        # Rates, not times: rate / reference rate of each repeat is the speed-up.
-        ratios = paired_ratios(rates, reference)
-        return f"{statistics.median(ratios):.3f}x ({ratios[0]:.3f}-{ratios[-1]:.3f})"
+        ratio = paired_ratio(rates, reference)
+        return f"{ratio.median:.3f}x ({ratio.lowest:.3f}-{ratio.highest:.3f})"
+
+    def row(name: str, rates: list[float]) -> list[str]:
+        gflops = max(rates) * flops_per_sample / 1e9
+        return [name, f"{max(rates):,.0f}", f"{gflops:.1f}", f"{gflops / peak:.0%}", versus(rates, loop_rates),
+                versus(rates, fused_rates)]
 
     rows = [
-        [name, f"{max(rates):,.0f}", f"{max(rates) * flops_per_sample / 1e9:.1f}",
-         f"{max(rates) * flops_per_sample / 1e9 / peak:.0%}", versus(rates, loop_rates), versus(rates, fused_rates)]
+        row(name, rates)
         for name, rates in [
             ("hand-written loop, Adam()", loop_rates),
             ("hand-written loop, Adam(fused=True)", fused_rates),

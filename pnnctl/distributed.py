@@ -216,7 +216,7 @@ def _run_rank(config: RunConfig, *, resume: bool, progress: Any) -> Any:
         # No rank tears the group down while a peer may still be in a collective or writing the
         # run folder: a rank leaving early can abort gloo's teardown in the others (seen once in
         # benchmarks/allreduce_vs_ddp.py as "terminate called without an active exception").
-        dist.barrier()
+        comm.barrier()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
