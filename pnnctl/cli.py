@@ -158,6 +158,7 @@ BatchOpt = Annotated[int | None, typer.Option("--batch-size", help="samples per 
 LrOpt = Annotated[float | None, typer.Option(help="learning rate (default 0.05)")]
 OptimizerOpt = Annotated[str | None, typer.Option(help="sgd | adam | adamw")]
 DeviceOpt = Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:K")]
+PrecisionOpt = Annotated[str | None, typer.Option(help="fp32 | tf32 (CUDA) | bf16 (autocast; default fp32)")]
 OutOpt = Annotated[str | None, typer.Option(help="results folder (default results/)")]
 ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML file of run fields and [strategy] tables")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE override, e.g. ist.local_steps=20")]
@@ -190,6 +191,7 @@ def train(
     optimizer: OptimizerOpt = None,
     seed: Annotated[int | None, typer.Option(help="run seed (default 0)")] = None,
     device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
     out: OutOpt = None,
     run_name: Annotated[str | None, typer.Option("--run-name", help="run folder name")] = None,
     resume: ResumeOpt = False,
@@ -213,8 +215,8 @@ def train(
 
     flags = _flags(
         strategy=strategy, dataset=dataset, model=model, workers=workers, epochs=epochs,
-        batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, device=device, out=out,
-        run_name=run_name, target_acc=target_acc, sharding=sharding, data_dir=data_dir,
+        batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, device=device, precision=precision,
+        out=out, run_name=run_name, target_acc=target_acc, sharding=sharding, data_dir=data_dir,
         download=download, network=network, budget=budget, eval_every=eval_every, nproc=nproc,
         backend=backend,
     )
@@ -316,6 +318,7 @@ def compare(
     lr: LrOpt = None,
     optimizer: OptimizerOpt = None,
     device: DeviceOpt = None,
+    precision: PrecisionOpt = None,
     out: OutOpt = None,
     config: ConfigOpt = None,
     set_: SetOpt = None,
@@ -341,7 +344,7 @@ def compare(
         raise UsageError("format", f"must be table or json, not {fmt!r}")
     flags = _flags(
         model=model, epochs=epochs, batch_size=batch_size, lr=lr, optimizer=optimizer, device=device,
-        out=out, target_acc=target_acc, sharding=sharding, data_dir=data_dir, network=network,
+        precision=precision, out=out, target_acc=target_acc, sharding=sharding, data_dir=data_dir, network=network,
         budget=budget, eval_every=eval_every, nproc=nproc,
     )
     grid_flags = GridSpec.from_flags(

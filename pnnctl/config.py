@@ -413,7 +413,14 @@ def config_from_dict(values: Mapping[str, Any]) -> RunConfig:
     synthetic = build_dataclass(SyntheticConfig, values.pop("synthetic", {}) or {}, prefix="synthetic")
     all_options = values.pop("options", {}) or {}
     config = build_dataclass(RunConfig, values, prefix="")
-    # Only the chosen strategy's table applies; others in a shared experiment file are ignored.
+    # Only the chosen strategy's table applies; others in a shared experiment file are ignored, but
+    # their names and types are checked all the same: a typo there would otherwise surface only when
+    # that strategy runs, if ever (``--set ist.local_step=5`` on a centralized run did nothing).
+    from strategies import get_strategy
+
+    for name, table in all_options.items():
+        if name != config.strategy:
+            build_dataclass(get_strategy(name).Options, dict(table), prefix=name)
     chosen = dict(all_options.get(config.strategy, {}))
     return validate(dataclasses.replace(config, synthetic=synthetic, options=chosen))
 
@@ -472,5 +479,5 @@ def field_docs(cls: type) -> dict[str, str]:
                 and isinstance(following.value, ast.Constant)
                 and isinstance(following.value.value, str)
             ):
-                docs[node.target.id] = following.value.value.strip()
+                docs[node.target.id] = " ".join(following.value.value.split())  # one line, however wrapped
     return docs

@@ -209,3 +209,17 @@ def test_loss_flag_sets_the_loss_option_of_strategies_that_have_one(cli, tmp_pat
     grid = cli("compare", "--strategies", "psl,allreduce", "--datasets", "digits", "--model", "mlp:64-16-10",
                "--loss", "ce", "--out", str(tmp_path), "--dry-run")
     assert grid.code == 0, grid.err
+
+
+def test_precision_flag_reaches_the_run_config_and_refuses_what_it_does_not_know(cli, tmp_path: Path) -> None:
+    result = cli("train", *TINY, "--precision", "bf16", "--dry-run")
+    assert result.code == 0, result.err
+    assert 'precision = "bf16"' in result.out
+    refused = cli("train", *TINY, "--precision", "fp8", "--dry-run")
+    assert refused.code == 2
+    assert refused.err_lines == ["error: precision: must be one of fp32, tf32, bf16, not 'fp8'"]
+    run = cli("compare", "--strategies", "centralized", "--datasets", "digits", "--model", "mlp:64-16-10",
+              "--epochs", "0.1", "--precision", "bf16", "--no-plots", "--out", str(tmp_path))  # fmt: skip
+    assert run.code == 0, run.err
+    config = tmp_path / "compare" / "runs" / "centralized-digits-w1-s0" / "config.toml"
+    assert 'precision = "bf16"' in config.read_text()

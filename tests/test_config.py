@@ -103,6 +103,18 @@ def test_an_unknown_strategy_option_is_a_usage_error_naming_it(experiment_file: 
     assert from_file.value.field == "local-sgd.bogus"
 
 
+def test_another_strategys_options_are_checked_though_they_do_not_apply() -> None:
+    # A typo in a table that does not apply to this run used to pass unnoticed until (if ever) it did.
+    with pytest.raises(UsageError) as typo:
+        resolve_config(None, {"strategy": "centralized", **DIGITS}, ["ist.local_step=5"])
+    assert typo.value.field == "ist.local_step" and "local_steps" in str(typo.value)
+    with pytest.raises(UsageError) as wrong_type:
+        resolve_config(None, {"strategy": "centralized", **DIGITS}, ["ist.local_steps='many'"])
+    assert wrong_type.value.field == "ist.local_steps"
+    valid = resolve_config(None, {"strategy": "centralized", **DIGITS}, ["ist.local_steps=5"])
+    assert valid.options == {}
+
+
 @pytest.mark.parametrize(
     ("assignment", "field"),
     [
