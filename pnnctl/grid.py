@@ -15,6 +15,7 @@ import itertools
 import json
 import os
 import time
+import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ import pandas as pd
 from pnnctl.config import (
     RunConfig,
     config_from_dict,
+    config_to_dict,
     load_toml,
     loss_assignments,
     merge_layers,
@@ -231,7 +233,27 @@ def _nest(flat: dict[str, Any]) -> dict[str, Any]:
 
 
 def _cell_state(config: RunConfig) -> str:
+    """new, partial (resume it), extend (finished, but asked for more epochs or another budget) or done.
+
+    A cell folder trained with other settings is a usage error: skipping it would report its results
+    under this grid's command, and resuming it would mix two configurations in one run.
+    """
+    from pnnctl.trainer import changed_fields
+
     run_dir = Path(config.out) / config.run_id
+    stored_file = run_dir / "config.toml"
+    stored = load_toml(stored_file) if stored_file.exists() else None
+    if stored is not None:
+        # Both sides through the same TOML writer, so that tuples, lists and absent options compare alike.
+        asked = tomllib.loads(to_toml(config_to_dict(config)))
+        changed = changed_fields(stored, asked)
+        if changed:
+            key = changed[0]
+            raise UsageError(
+                key,
+                f"{run_dir} was trained with {key}={stored.get(key)!r}, this grid asks {asked.get(key)!r}; "
+                "give the grid another --name (or --out), or delete that run folder",
+            )
     summary = run_dir / "summary.json"
     if summary.exists():
         try:
@@ -239,7 +261,8 @@ def _cell_state(config: RunConfig) -> str:
         except (OSError, json.JSONDecodeError):
             status = None
         if status in ("finished", "diverged"):
-            return "done"
+            longer = stored is not None and any(stored.get(k) != asked.get(k) for k in ("epochs", "budget"))
+            return "extend" if longer else "done"
     if (run_dir / "checkpoint.pt").exists() or (run_dir / "metrics.csv").exists():
         return "partial"
     return "new"
@@ -262,16 +285,17 @@ def compare(
     configs = cell_configs(layers, grid, folder)
     failures: list[dict[str, Any]] = []
     with grid_lock(folder):
+        # Every cell is checked against what its folder holds before anything is written or run.
+        states = [_cell_state(config) for config in configs]
         atomic_write_text(folder / "grid.toml", _grid_toml(layers, grid))
-        for index, config in enumerate(configs):
-            state = _cell_state(config)
+        for index, (config, state) in enumerate(zip(configs, states, strict=True)):
             if on_cell is not None:
                 on_cell(index, len(configs), config, state)
             if state == "done":
                 continue
             progress = progress_factory(f"[{index + 1}/{len(configs)}] ") if progress_factory else None
             try:
-                result = run_training(config, resume=state == "partial", progress=progress)
+                result = run_training(config, resume=state in ("partial", "extend"), progress=progress)
             except KeyboardInterrupt:
                 raise
             except Exception as exc:  # one failing cell must not stop the grid

@@ -21,6 +21,7 @@ import platform
 import signal
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -185,20 +186,28 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
         raise UsageError("resume", f"{path} is not a readable pnnctl checkpoint ({type(exc).__name__})") from None
 
 
+def changed_fields(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
+    """Keys of two ``config_to_dict`` views that differ, leaving out what a resumption may change."""
+    return [
+        key
+        for key in sorted(set(now) | set(before))
+        if key not in RESUMABLE_CHANGES and now.get(key) != before.get(key)
+    ]
+
+
 def check_resumable(saved: dict[str, Any], config: RunConfig, path: Path) -> None:
     if saved.get("format") != CHECKPOINT_FORMAT:
         msg = f"{path} has checkpoint format {saved.get('format')!r}; this pnnctl reads {CHECKPOINT_FORMAT}"
         raise UsageError("resume", msg)
     now = config_to_dict(config)
     before = saved.get("config", {})
-    for key in sorted(set(now) | set(before)):
-        if key in RESUMABLE_CHANGES:
-            continue
-        if now.get(key) != before.get(key):
-            raise UsageError(
-                "resume",
-                f"{path} was written with {key}={before.get(key)!r}, not {now.get(key)!r}; resume with the same config",
-            )
+    changed = changed_fields(before, now)
+    if changed:
+        key = changed[0]
+        raise UsageError(
+            "resume",
+            f"{path} was written with {key}={before.get(key)!r}, not {now.get(key)!r}; resume with the same config",
+        )
 
 
 def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
@@ -240,6 +249,21 @@ def _budget_reached(config: RunConfig, state: LoopState, ledger: Ledger, n_train
     if kind == "bytes":
         return float(ledger.sent[: ledger.n_workers].max()) >= amount
     return state.compute_s >= amount
+
+
+def _budget_overshoot(config: RunConfig, samples: int, round_samples: int, n_train: int) -> str:
+    """A note where the last round carried the run well past its epochs or samples budget."""
+    allowed = config.epochs * n_train
+    budget = parse_budget(config.budget)
+    if budget is not None and budget[0] == "samples":
+        allowed = min(allowed, budget[1])
+    if samples <= 1.25 * allowed or samples - round_samples >= allowed:
+        return ""  # within a quarter, or stopped by another budget (bytes, seconds) or the strategy
+    return (
+        f"trained {samples / n_train:.3g} epochs ({samples} samples) where the budget allowed "
+        f"{allowed / n_train:.3g}: budgets are checked between rounds, and a round of {config.strategy} "
+        f"here holds {round_samples} samples"
+    )
 
 
 def run_summary(rows: list[dict[str, Any]], config: RunConfig) -> dict[str, Any]:
@@ -386,6 +410,8 @@ def train(
         if saved.get("finished") and state.samples / len(y_train) >= config.epochs - 1e-9:
             summary = json.loads((run_dir / "summary.json").read_text()) if main else {}
             return RunResult(run_dir, summary.get("status", "finished"), rows, summary, notes)
+        if main:  # it goes on, perhaps with more epochs or a new budget: the config file says so
+            atomic_write_text(run_dir / "config.toml", to_toml(config_to_dict(config)))
     elif main:
         if resume and metrics_path.exists():
             _rewrite_rows(metrics_path, [])  # no checkpoint to continue from: start the rows afresh too
@@ -546,6 +572,10 @@ def train(
                 checkpoint()
             state.wall_s += time.perf_counter() - started
     progress.finish(status)
+    if status == "finished" and result.samples:
+        overshoot = _budget_overshoot(config, state.samples, result.samples, n_train)
+        if overshoot:
+            notes.append(overshoot)
     summary = run_summary(rows, config) if rows else {}
     if status == "interrupted":
         summary["status"] = "interrupted"

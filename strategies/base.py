@@ -8,6 +8,7 @@ metrics (the shape torchtitan and Flower share: one loop, strategies as plug-ins
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
@@ -39,6 +40,20 @@ class StrategyContext:
     shards: list[Tensor]  # per logical worker: indices into data.x_train
     x_train: Tensor  # on device
     y_train: Tensor  # on device
+
+    def default_round_steps(self, samples_per_step: int) -> int:
+        """Steps in a round whose length the user left open: an epoch, or less where the run stops
+        or evaluates sooner. The trainer checks the budget and evaluates between rounds only, so
+        epoch-long rounds made ``--epochs 0.2`` train a whole epoch and ``eval_every 0.25`` evaluate
+        once an epoch."""
+        from pnnctl.config import parse_budget
+
+        n_train = len(self.y_train)
+        epochs = min(1.0, self.config.epochs, self.config.eval_every)
+        budget = parse_budget(self.config.budget)
+        if budget is not None and budget[0] == "samples":
+            epochs = min(epochs, budget[1] / n_train)
+        return max(1, math.ceil(epochs * n_train / samples_per_step - 1e-9))
 
 
 @dataclass

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,7 +37,8 @@ from strategies.base import Footprint, RoundResult, Strategy, StrategyContext
 @dataclass(frozen=True, kw_only=True)
 class DataParallelOptions:
     steps_per_round: int = 0
-    """optimizer steps per round, the unit between checkpoints (0: one epoch)"""
+    """optimizer steps per round, the unit between checkpoints and budget checks (0: one epoch, or
+    the run's epochs, eval_every or samples budget where shorter)"""
 
     def validate(self) -> None:
         if self.steps_per_round < 0:
@@ -89,11 +89,8 @@ class DataParallel(Strategy):
         )
 
     def round_steps(self) -> int:
-        steps = self.options.steps_per_round
-        if steps == 0:
-            per_step = self.ctx.group.n_workers * self.ctx.config.batch_size
-            steps = math.ceil(len(self.ctx.y_train) / per_step)
-        return steps
+        per_step = self.ctx.group.n_workers * self.ctx.config.batch_size
+        return self.options.steps_per_round or self.ctx.default_round_steps(per_step)
 
     def train_step(self, x: Tensor, y: Tensor) -> float:
         """One optimizer step of every local worker on ``x [n_local, B, ...]``; returns the mean loss."""

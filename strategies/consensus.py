@@ -139,7 +139,8 @@ class DGDOptions:
     epsilon: float = 0.0
     """step decay alpha[n+1] = alpha[n] (1 - epsilon alpha[n]); 0 keeps the step constant"""
     iterations_per_round: int = 0
-    """iterations per round, the unit between checkpoints (0: one epoch's worth of samples)"""
+    """iterations per round, the unit between checkpoints and budget checks (0: one epoch's worth of
+    samples, or the run's epochs, eval_every or samples budget where shorter)"""
     init: str = "identical"
     """identical: every agent starts from the same weights; independent: each from its own draw"""
 
@@ -324,9 +325,7 @@ class GraphStrategy(Strategy):
         self.samples_per_iteration = int(sizes.sum()) if self.full_batch else n * config.batch_size
         if self.full_batch:
             self.full_index, self.full_mask = self._pad_shards()
-        self.iterations_per_round = options.iterations_per_round or math.ceil(
-            len(ctx.y_train) / self.samples_per_iteration
-        )
+        self.iterations_per_round = options.iterations_per_round or ctx.default_round_steps(self.samples_per_iteration)
 
         topology = parse_topology(options.topology, f"{self.name}.topology")
         base = parse_topology(options.base_topology, f"{self.name}.base_topology")

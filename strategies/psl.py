@@ -668,7 +668,8 @@ class PSLOptions:
     optimizer: str = "config"
     """master optimizer: config (--optimizer sgd|adam|adamw, --lr) | plbfgs (partitioned L-BFGS) | lbfgs"""
     steps_per_round: int = 0
-    """master steps per round, the unit between checkpoints (0: one epoch of global batches)"""
+    """master steps per round, the unit between checkpoints and budget checks (0: one epoch of global
+    batches, or the run's epochs, eval_every or samples budget where shorter)"""
     memory: int = 5
     """plbfgs/lbfgs: secant pairs kept per element"""
     tr_radius: float = 1.0
@@ -813,8 +814,7 @@ class PSL(Strategy):
                 device=device,
             )
         self.workers_hold_x = False  # after an accepted trial point the workers already hold x
-        steps = options.steps_per_round or math.ceil(len(ctx.y_train) / config.batch_size)
-        self.steps_per_round = steps
+        self.steps_per_round = options.steps_per_round or ctx.default_round_steps(config.batch_size)
 
     def _check_workers(self, n_classes: int, n_workers: int) -> None:
         options = self.options

@@ -118,6 +118,36 @@ def test_killed_compare_resumes_without_redoing_finished_cells(tmp_path: Path) -
     assert (tmp_path / "grid" / "report.md").exists()
 
 
+def test_a_grid_rerun_with_other_settings_is_refused_before_anything_changes(cli, tmp_path: Path) -> None:
+    first = cli(*GRID, "--out", tmp_path, "--no-plots")
+    assert first.code == 0, first.err
+    folder = tmp_path / "grid"
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    # Skipping the finished cells would report lr 0.05 results under an lr 0.01 command.
+    changed = cli(*GRID, "--out", tmp_path, "--no-plots", "--lr", "0.01")
+    assert changed.code == 2
+    (line,) = changed.err_lines
+    assert line.startswith("error: lr: ") and "runs/centralized-digits-w1-s0 was trained with lr=0.05" in line
+    assert "asks 0.01" in line and "--name" in line
+    refused = cli(*GRID, "--out", tmp_path, "--no-plots", "--precision", "bf16")
+    assert refused.code == 2 and refused.err_lines[0].startswith("error: precision: ")
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+
+
+def test_a_grid_rerun_with_more_epochs_extends_its_finished_cells(cli, tmp_path: Path) -> None:
+    assert cli(*GRID, "--out", tmp_path, "--no-plots").code == 0
+    two_epochs = [*GRID, "--epochs", "2", "--out", tmp_path, "--no-plots"]  # the later flag wins
+    longer = cli(*two_epochs)
+    assert longer.code == 0, longer.err
+    assert "already finished" not in longer.err
+    for run in (tmp_path / "grid" / "runs").iterdir():
+        epochs = pd.read_csv(run / "metrics.csv")["epoch"]
+        assert epochs.iloc[-2] < 2.0 <= epochs.iloc[-1] and epochs.is_monotonic_increasing
+        assert "epochs = 2.0" in (run / "config.toml").read_text()
+    again = cli(*two_epochs)
+    assert again.code == 0 and again.err.count("already finished, skipped") == 2
+
+
 def test_failing_cell_is_recorded_and_the_grid_goes_on(tmp_path: Path) -> None:
     empty = tmp_path / "no-data"
     empty.mkdir()

@@ -440,3 +440,56 @@ def test_cpu_runs_keep_freed_memory_unless_told_not_to(system_malloc: str, tmp_p
     assert result.returncode == 0, result.stderr
     recorded = json.loads((tmp_path / "centralized-w1-s0" / "env.json").read_text())["cpu_malloc_keeps_freed_memory"]
     assert recorded is (platform.libc_ver()[0] == "glibc" and not system_malloc)
+
+
+# -- round lengths and the budget -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("strategy", "workers", "samples_per_step"),
+    [("centralized", 1, 16), ("allreduce", 2, 32), ("consensus", 2, 32), ("psl", 10, 16)],
+)
+def test_a_run_of_part_of_an_epoch_stops_there_and_evaluates_on_time(
+    small_config, tmp_path: Path, strategy: str, workers: int, samples_per_step: int
+) -> None:
+    # Rounds left at their default length hold an epoch at most; they used to hold exactly one,
+    # so --epochs 0.3 trained a whole epoch and eval_every 0.1 evaluated once.
+    optimizer = {"optimizer": "adam", "lr": 1e-3} if strategy == "psl" else {}  # psl's loss diverges under SGD 0.1
+    config = small_config(strategy=strategy, workers=workers, batch_size=16, epochs=0.3, eval_every=0.1,
+                          checkpoint_every=1000, out=str(tmp_path), **optimizer)  # fmt: skip
+    result = train(config)
+    assert result.status == "finished"
+    n_train = len(load_dataset("digits").y_train)
+    steps_per_round = math.ceil(0.1 * n_train / samples_per_step)
+    epochs = [float(r["epoch"]) for r in result.rows]
+    per_round = steps_per_round * samples_per_step / n_train
+    assert epochs == pytest.approx([k * per_round for k in range(len(epochs))])
+    assert epochs[-2] < 0.3 <= epochs[-1]  # the last round is the one that reached the budget
+    assert result.notes == []
+
+
+def test_a_samples_budget_shortens_default_rounds(small_config, tmp_path: Path) -> None:
+    config = small_config(strategy="allreduce", workers=2, batch_size=16, epochs=5, budget="samples=200",
+                          checkpoint_every=1000, out=str(tmp_path))  # fmt: skip
+    result = train(config)
+    assert int(result.rows[-1]["samples_seen"]) == math.ceil(200 / 32) * 32  # 224, not an epoch's 1,440
+
+
+def test_a_round_that_carries_the_run_well_past_its_budget_is_noted(small_config, tmp_path: Path) -> None:
+    # local-sgd's round is its communication period (4 workers x 16 x 20 steps = 1,280 samples), not
+    # a length the trainer may cut: the run ends past its budget and says so.
+    config = small_config(strategy="local-sgd", workers=4, batch_size=16, epochs=0.3,
+                          checkpoint_every=1000, out=str(tmp_path))  # fmt: skip
+    result = train(config)
+    assert int(result.rows[-1]["samples_seen"]) == 1280
+    (note,) = result.notes
+    assert "where the budget allowed 0.3" in note and "a round of local-sgd here holds 1280 samples" in note
+
+
+def test_resuming_with_more_epochs_extends_the_run_and_its_config_file(small_config, tmp_path: Path) -> None:
+    first = train(small_config(strategy="centralized", epochs=1.0, checkpoint_every=1000, out=str(tmp_path)))
+    assert "epochs = 1.0" in (first.run_dir / "config.toml").read_text()
+    longer = train(small_config(strategy="centralized", epochs=2.0, checkpoint_every=1000, out=str(tmp_path)),
+                   resume=True)  # fmt: skip
+    assert float(first.rows[-1]["epoch"]) < 1.1 and 2.0 <= float(longer.rows[-1]["epoch"]) < 2.1
+    assert "epochs = 2.0" in (first.run_dir / "config.toml").read_text()
