@@ -122,6 +122,7 @@ def render_table(cells: pd.DataFrame) -> list[dict[str, str]]:
             "projected s (mean ± std, n)": _aggregate(cell, "projected_s", n),
             "wall s (mean ± std, n)": _aggregate(cell, "wall_s", n),
             "memory/worker MB (mean ± std, n)": _aggregate(cell, "memory_max_worker_bytes", n, scale=1e6),
+            "measured peak MB, largest process (mean ± std, n)": _aggregate(cell, "peak_rss_bytes", n, scale=1e6),
         }
         if with_target:
             reached = int(cell["n_reached"])

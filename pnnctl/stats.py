@@ -55,6 +55,7 @@ RUN_FIGURES: tuple[str, ...] = (
     "messages_max_worker",
     "params_max_worker",
     "memory_max_worker_bytes",
+    "peak_rss_bytes",
     "epochs_to_target",
     "wall_s_to_target",
     "projected_s_to_target",
@@ -198,9 +199,9 @@ def run_summaries(metrics: pd.DataFrame, target_acc: float | None) -> pd.DataFra
     """One row per run_id with its final, best and to-target figures.
 
     ``final_*`` and cumulative figures come from the run's last row (so an unfinished run shows
-    where it stopped); ``best_acc``, ``params_max_worker`` and ``memory_max_worker_bytes`` are maxima
-    over rows. The ``*_to_target`` figures come from the first row with ``test_acc >= target_acc``
-    and are NaN when the run never got there or no target is given.
+    where it stopped); ``best_acc``, ``params_max_worker``, ``memory_max_worker_bytes`` and
+    ``peak_rss_bytes`` are maxima over rows. The ``*_to_target`` figures come from the first row
+    with ``test_acc >= target_acc`` and are NaN when the run never got there or no target is given.
     """
     target = _check_target(target_acc)
     if metrics.empty:
@@ -222,6 +223,8 @@ def run_summaries(metrics: pd.DataFrame, target_acc: float | None) -> pd.DataFra
         out[column] = last[column]
     out["params_max_worker"] = grouped["params_max_worker"].max()
     out["memory_max_worker_bytes"] = grouped["memory_max_worker_bytes"].max()
+    # Measured (the largest rank's process, or its GPU allocations), beside the analytic footprint above.
+    out["peak_rss_bytes"] = grouped["peak_rss_bytes"].max() if "peak_rss_bytes" in frame else np.nan
 
     # With no target no run reaches it: an empty table keeps the code below one path.
     first = frame.iloc[0:0].set_index("run_id") if target is None else _first_reaching(frame, target)

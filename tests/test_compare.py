@@ -56,6 +56,7 @@ def test_every_figure_is_a_valid_png_and_svg(grid: Path) -> None:
         assert ET.parse(grid / "figures" / f"{name}.svg").getroot().tag.endswith("svg")
     report = (grid / "report.md").read_text()
     assert "pnnctl compare" in report and "local-sgd" in report and "figures/acc_vs_bytes.png" in report
+    assert "measured peak MB, largest process" in report
 
 
 def test_plot_redraws_from_tables_alone_under_another_network(grid: Path, tmp_path: Path) -> None:

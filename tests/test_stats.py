@@ -64,7 +64,7 @@ def run_rows(
                 "comm_s": 0.0,
                 "projected_s": compute + r * 0.1,
                 "network": "lan-1g",
-                "peak_rss_bytes": 1e8,
+                "peak_rss_bytes": 1e8 * (1 + i % 2),  # up and down: its figure is the maximum
                 "status": "running" if r < len(accs) else status,
                 "extras": '{"consensus_error": 0.5, "note": "a,b"}',
             }
@@ -107,6 +107,7 @@ def test_run_summaries_final_best_and_to_target(metrics: pd.DataFrame) -> None:
     fast1 = runs.loc["fast-w4-s1"]
     assert fast1["epochs_to_target"] == 2  # first crossing, not the later dip back to 0.88
     assert fast1["memory_max_worker_bytes"] == 500  # maximum, not final
+    assert fast1["peak_rss_bytes"] == 2e8 and runs.loc["fast-w4-s0"]["peak_rss_bytes"] == 2e8
     assert fast1["bytes_sent_max_worker"] == 5000  # final cumulative
     slow0 = runs.loc["slow-w4-s0"]
     assert slow0["status"] == "diverged"
