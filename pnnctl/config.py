@@ -202,6 +202,15 @@ def build_dataclass(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def samples_allowed(config: RunConfig, n_train: int) -> float:
+    """The most training samples the run's epochs and a ``samples=N`` budget allow."""
+    allowed = config.epochs * n_train
+    budget = parse_budget(config.budget)
+    if budget is not None and budget[0] == "samples":
+        allowed = min(allowed, budget[1])
+    return allowed
+
+
 def loss_assignments(loss: str | None, strategies: list[str]) -> list[str]:
     """``--loss X`` is ``--set S.loss=X`` for each named strategy with a loss option (an error if none has)."""
     if loss is None:

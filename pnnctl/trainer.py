@@ -29,7 +29,7 @@ from typing import Any, Protocol
 import torch
 
 from pnnctl import __version__
-from pnnctl.config import RunConfig, config_to_dict, parse_budget, to_toml
+from pnnctl.config import RunConfig, config_to_dict, parse_budget, samples_allowed, to_toml
 from pnnctl.data import Dataset, load_dataset, shard_indices, shard_stats
 from pnnctl.errors import UsageError
 from pnnctl.faults import fault_point
@@ -253,10 +253,7 @@ def _budget_reached(config: RunConfig, state: LoopState, ledger: Ledger, n_train
 
 def _budget_overshoot(config: RunConfig, samples: int, round_samples: int, n_train: int) -> str:
     """A note where the last round carried the run well past its epochs or samples budget."""
-    allowed = config.epochs * n_train
-    budget = parse_budget(config.budget)
-    if budget is not None and budget[0] == "samples":
-        allowed = min(allowed, budget[1])
+    allowed = samples_allowed(config, n_train)
     if samples <= 1.25 * allowed or samples - round_samples >= allowed:
         return ""  # within a quarter, or stopped by another budget (bytes, seconds) or the strategy
     return (

@@ -46,14 +46,11 @@ class StrategyContext:
         or evaluates sooner. The trainer checks the budget and evaluates between rounds only, so
         epoch-long rounds made ``--epochs 0.2`` train a whole epoch and ``eval_every 0.25`` evaluate
         once an epoch."""
-        from pnnctl.config import parse_budget
+        from pnnctl.config import samples_allowed
 
         n_train = len(self.y_train)
-        epochs = min(1.0, self.config.epochs, self.config.eval_every)
-        budget = parse_budget(self.config.budget)
-        if budget is not None and budget[0] == "samples":
-            epochs = min(epochs, budget[1] / n_train)
-        return max(1, math.ceil(epochs * n_train / samples_per_step - 1e-9))
+        samples = min(n_train, self.config.eval_every * n_train, samples_allowed(self.config, n_train))
+        return max(1, math.ceil(samples / samples_per_step - 1e-9))
 
 
 @dataclass
