@@ -404,7 +404,8 @@ def train(
                 notes.append(f"dropped a torn last line of {metrics_path} left by an earlier crash")
             rows = [r for r in _read_rows(metrics_path) if int(r["round"]) <= state.round]
             _rewrite_rows(metrics_path, rows)
-        if saved.get("finished") and state.samples / len(y_train) >= config.epochs - 1e-9:
+        # Finished and nothing more asked (an epochs or budget change may ask for more): report it as it is.
+        if saved.get("finished") and _budget_reached(config, state, ledger, len(y_train)):
             summary = json.loads((run_dir / "summary.json").read_text()) if main else {}
             return RunResult(run_dir, summary.get("status", "finished"), rows, summary, notes)
         if main:  # it goes on, perhaps with more epochs or a new budget: the config file says so

@@ -493,3 +493,14 @@ def test_resuming_with_more_epochs_extends_the_run_and_its_config_file(small_con
                    resume=True)  # fmt: skip
     assert float(first.rows[-1]["epoch"]) < 1.1 and 2.0 <= float(longer.rows[-1]["epoch"]) < 2.1
     assert "epochs = 2.0" in (first.run_dir / "config.toml").read_text()
+
+
+def test_a_finished_run_resumed_with_a_smaller_budget_trains_no_further(small_config, tmp_path: Path) -> None:
+    done = train(small_config(strategy="centralized", epochs=5.0, budget="samples=700", checkpoint_every=1000,
+                              out=str(tmp_path)))  # fmt: skip
+    again = train(small_config(strategy="centralized", epochs=5.0, budget="samples=600", checkpoint_every=1000,
+                               out=str(tmp_path)), resume=True)  # fmt: skip
+    def progress(rows: list[dict]) -> list[tuple[int, int]]:
+        return [(int(r["round"]), int(r["samples_seen"])) for r in rows]
+
+    assert progress(again.rows) == progress(done.rows)  # it used to train another round before checking
