@@ -236,7 +236,7 @@ def train(
     if result is None:  # a non-zero rank of a distributed run: rank 0 reports
         return
     for note in result.notes:
-        console.print(f"warning: {note}", highlight=False)
+        console.print(f"warning: {note}", highlight=False, soft_wrap=True)
     if fmt == "json":
         out_console.print_json(json_text(result.summary))
     else:
@@ -382,6 +382,8 @@ def compare(
             out_console.print(table)
         for failure in outcome.failures:
             console.print(f"cell failed: {failure['run_id']}: {failure['error']}", highlight=False)
+        for run_id, warning in outcome.warnings:
+            console.print(f"warning: {run_id}: {warning}", highlight=False, soft_wrap=True)
         console.print(f"report: {outcome.folder / 'report.md'}", highlight=False)
 
 

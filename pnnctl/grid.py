@@ -108,6 +108,8 @@ class CompareOutcome:
     cells: pd.DataFrame
     failures: list[dict[str, Any]] = field(default_factory=list)
     aggregate_note: str = "mean ± std over seeds"
+    #: (run_id, warning) of the cells run by this call, such as a budget overshot by a whole round
+    warnings: list[tuple[str, str]] = field(default_factory=list)
 
 
 @contextmanager
@@ -284,6 +286,7 @@ def compare(
     folder = Path(out or layers.get("out", "results")) / grid.name
     configs = cell_configs(layers, grid, folder)
     failures: list[dict[str, Any]] = []
+    warnings: list[tuple[str, str]] = []
     with grid_lock(folder):
         # Every cell is checked against what its folder holds before anything is written or run.
         states = [_cell_state(config) for config in configs]
@@ -303,12 +306,14 @@ def compare(
                 continue
             if result is not None and result.status == "interrupted":
                 raise KeyboardInterrupt
+            if result is not None:
+                warnings.extend((config.run_id, note) for note in result.notes)
         atomic_write_text(folder / "failures.json", json.dumps(failures, indent=2) + "\n")
         target = layers.get("target_acc") or None
         metrics, runs, cells = _tables(folder, target)
         if plots:
             report_folder(folder, target_acc=target, command=command, failures=failures)
-    return CompareOutcome(folder, metrics, runs, cells, failures)
+    return CompareOutcome(folder, metrics, runs, cells, failures, warnings=warnings)
 
 
 def _tables(folder: Path, target_acc: float | None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:

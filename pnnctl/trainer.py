@@ -388,6 +388,7 @@ def train(
     backend = "simulated" if comm is None else getattr(comm, "backend", "distributed")
 
     state = LoopState()
+    warnings: list[str] = []  # about the run's outcome, kept in summary.json (notes are about this call)
     rows: list[dict[str, Any]] = []
     ranks: list[dict[str, Any]] = []  # measured per process at the last evaluation
     notes: list[str] = []
@@ -481,6 +482,8 @@ def train(
             fault_point("metrics-append")
             summary = run_summary(rows, config)
             summary["ranks"] = ranks
+            if warnings:  # kept with the run: a compare prints none of its cells' notes as they go
+                summary["warnings"] = warnings
             text = json.dumps(summary, indent=2, default=str) + "\n"
             atomic_write_text(run_dir / "summary.json", text, fault="summary-write")
         progress.update(float(row["epoch"]), float(row["train_loss"]), float(row["test_acc"]))
@@ -551,6 +554,9 @@ def train(
                 break
             epoch = state.samples / n_train
             done = _budget_reached(config, state, ledger, n_train) or strategy.is_done()
+            if done:
+                overshoot = _budget_overshoot(config, state.samples, result.samples, n_train)
+                warnings = [overshoot] if overshoot else []
             if done or epoch >= state.next_eval_epoch - 1e-9:
                 # The next multiple of eval_every after this epoch (a round may cross several).
                 state.next_eval_epoch = (math.floor(epoch / config.eval_every + 1e-9) + 1) * config.eval_every
@@ -570,10 +576,7 @@ def train(
                 checkpoint()
             state.wall_s += time.perf_counter() - started
     progress.finish(status)
-    if status == "finished" and result.samples:
-        overshoot = _budget_overshoot(config, state.samples, result.samples, n_train)
-        if overshoot:
-            notes.append(overshoot)
+    notes.extend(warnings)
     summary = run_summary(rows, config) if rows else {}
     if status == "interrupted":
         summary["status"] = "interrupted"

@@ -484,6 +484,7 @@ def test_a_round_that_carries_the_run_well_past_its_budget_is_noted(small_config
     assert int(result.rows[-1]["samples_seen"]) == 1280
     (note,) = result.notes
     assert "where the budget allowed 0.3" in note and "a round of local-sgd here holds 1280 samples" in note
+    assert json.loads((result.run_dir / "summary.json").read_text())["warnings"] == [note]
 
 
 def test_resuming_with_more_epochs_extends_the_run_and_its_config_file(small_config, tmp_path: Path) -> None:
