@@ -251,10 +251,13 @@ def _cell_state(config: RunConfig) -> str:
         changed = changed_fields(stored, asked)
         if changed:
             key = changed[0]
+            remedy = ""
+            if key == "network":  # it changes only the projected times, which plot recomputes from the tables
+                remedy = f"pnnctl plot {Path(config.out).parent} --network {asked.get(key)} re-projects them, or "
             raise UsageError(
                 key,
                 f"{run_dir} was trained with {key}={stored.get(key)!r}, this grid asks {asked.get(key)!r}; "
-                "give the grid another --name (or --out), or delete that run folder",
+                f"{remedy}give the grid another --name (or --out), or delete that run folder",
             )
     summary = run_dir / "summary.json"
     if summary.exists():

@@ -131,6 +131,8 @@ def test_a_grid_rerun_with_other_settings_is_refused_before_anything_changes(cli
     assert "asks 0.01" in line and "--name" in line
     refused = cli(*GRID, "--out", tmp_path, "--no-plots", "--precision", "bf16")
     assert refused.code == 2 and refused.err_lines[0].startswith("error: precision: ")
+    network = cli(*GRID, "--out", tmp_path, "--no-plots", "--network", "wan")
+    assert network.code == 2 and f"pnnctl plot {folder} --network wan re-projects them" in network.err
     assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
 
 
