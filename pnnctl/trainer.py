@@ -238,14 +238,12 @@ def _agreed_checkpoint(ckpt: Path, comm: Comm) -> dict[str, Any] | None:
 
 
 def _budget_reached(config: RunConfig, state: LoopState, ledger: Ledger, n_train: int) -> bool:
-    if state.samples / n_train >= config.epochs - 1e-9:
+    if state.samples >= samples_allowed(config, n_train) - 1e-9 * n_train:  # epochs, or a samples budget
         return True
     budget = parse_budget(config.budget)
-    if budget is None:
+    if budget is None or budget[0] == "samples":
         return False
     kind, amount = budget
-    if kind == "samples":
-        return state.samples >= amount
     if kind == "bytes":
         return float(ledger.sent[: ledger.n_workers].max()) >= amount
     return state.compute_s >= amount
@@ -409,12 +407,11 @@ def train(
         if saved.get("finished") and _budget_reached(config, state, ledger, len(y_train)):
             summary = json.loads((run_dir / "summary.json").read_text()) if main else {}
             return RunResult(run_dir, summary.get("status", "finished"), rows, summary, notes)
-        if main:  # it goes on, perhaps with more epochs or a new budget: the config file says so
-            atomic_write_text(run_dir / "config.toml", to_toml(config_to_dict(config)))
-    elif main:
+    if main:  # the config the run goes on with: a resumption may ask for more epochs or another budget
+        atomic_write_text(run_dir / "config.toml", to_toml(config_to_dict(config)))
+    if saved is None and main:
         if resume and metrics_path.exists():
             _rewrite_rows(metrics_path, [])  # no checkpoint to continue from: start the rows afresh too
-        atomic_write_text(run_dir / "config.toml", to_toml(config_to_dict(config)))
         env = environment(config, runtime, device, backend)
         env["shards"] = shard_stats(data.y_train, shards, data.n_classes)
         atomic_write_text(run_dir / "env.json", json.dumps(env, indent=2) + "\n")
