@@ -250,14 +250,18 @@ def _budget_reached(config: RunConfig, state: LoopState, ledger: Ledger, n_train
 
 
 def _budget_overshoot(config: RunConfig, samples: int, round_samples: int, n_train: int) -> str:
-    """A note where the last round carried the run well past its epochs or samples budget."""
+    """A note where the last round carried the run well past its epochs or samples budget.
+
+    A last round is cut to what the budget allows, but only to a whole step of every worker (or a
+    whole period where a strategy cannot cut one: sil's epochs), which a small budget can fall far short of.
+    """
     allowed = samples_allowed(config, n_train)
     if samples <= 1.25 * allowed or samples - round_samples >= allowed:
         return ""  # within a quarter, or stopped by another budget (bytes, seconds) or the strategy
     return (
         f"trained {samples / n_train:.3g} epochs ({samples} samples) where the budget allowed "
-        f"{allowed / n_train:.3g}: budgets are checked between rounds, and a round of {config.strategy} "
-        f"here holds {round_samples} samples"
+        f"{allowed / n_train:.3g}: the last round of {config.strategy} held {round_samples} samples "
+        f"(rounds stop on a whole step of every worker, or on a whole period the strategy cannot cut)"
     )
 
 
@@ -520,7 +524,7 @@ def train(
             collectives_before = group.collective_s
             try:
                 with precision_context(device, config.precision):
-                    result = strategy.run_round()
+                    result = strategy.run_round(samples_allowed(config, n_train) - state.samples)
                 wait_for_gpu()
             except RuntimeError as exc:
                 # torch refuses a float32 overflow (say, Adam's lr / (1 - beta1) past 3.4e38): that is divergence.

@@ -50,7 +50,23 @@ class StrategyContext:
 
         n_train = len(self.y_train)
         samples = min(n_train, self.config.eval_every * n_train, samples_allowed(self.config, n_train))
-        return max(1, math.ceil(samples / samples_per_step - 1e-9))
+        return steps_for(samples, samples_per_step)
+
+
+def steps_for(samples: float, samples_per_step: int) -> int:
+    """The fewest whole steps (at least one) that train ``samples``."""
+    return max(1, math.ceil(samples / samples_per_step - 1e-9))
+
+
+def steps_this_round(period: int, samples_per_step: int, samples_left: float) -> int:
+    """A round's steps: its ``period``, or fewer in the run's last round, where the budget ends sooner.
+
+    A period the algorithm fixes (local SGD's and IST's local steps) ends early too, and still
+    synchronises: a run of E epochs trains E epochs (to a step) whatever its period.
+    """
+    if samples_left >= period * samples_per_step:
+        return period
+    return min(period, steps_for(samples_left, samples_per_step))
 
 
 @dataclass
@@ -88,8 +104,12 @@ class Strategy(ABC):
         self.options = options
 
     @abstractmethod
-    def run_round(self) -> RoundResult:
-        """Train one round (the unit between synchronisations) and return its outcome."""
+    def run_round(self, samples_left: float = math.inf) -> RoundResult:
+        """Train one round (the unit between synchronisations) and return its outcome.
+
+        ``samples_left``: what the run's epochs or samples budget still allows, summed over the
+        workers; a round shortens itself to it (to a whole step) where it can (``steps_this_round``).
+        """
 
     @abstractmethod
     def eval_model(self) -> StackedNet:

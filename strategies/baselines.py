@@ -9,11 +9,13 @@
   per worker batch, keep one copy per worker. The ledger is the same either way.
 - ``local-sgd``: every worker takes H local steps on its shard, then parameters (and batch-norm
   statistics) are averaged by a ring all-reduce. Optimizer state stays local and is not averaged.
-  With H = 1 and plain SGD it equals ``allreduce``.
+  With H = 1 and plain SGD it equals ``allreduce``. A run's last period is cut to the steps its
+  budget allows and still ends in the average.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,7 +33,7 @@ from pnnctl.models import (
 )
 from pnnctl.training import GradientBuffer, ShardSampler, make_optimizer, stacked_cross_entropy
 from strategies import register
-from strategies.base import Footprint, RoundResult, Strategy, StrategyContext
+from strategies.base import Footprint, RoundResult, Strategy, StrategyContext, steps_this_round
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -124,16 +126,17 @@ class DataParallel(Strategy):
             return float(per_worker.mean())
         return float(group.all_gather(per_worker.reshape(-1, 1)).mean())
 
-    def run_round(self) -> RoundResult:
+    def run_round(self, samples_left: float = math.inf) -> RoundResult:
+        per_step = self.ctx.config.batch_size * self.ctx.group.n_workers
+        steps = steps_this_round(self.steps_per_round, per_step, samples_left)
         # Losses are summed locally and gathered once per round: a gather per step would add a
         # collective (and its latency) to every step of a distributed run.
         total = torch.zeros(self.ctx.group.n_local, dtype=torch.float64, device=self.ctx.device)
-        for _ in range(self.steps_per_round):
+        for _ in range(steps):
             x, y = self.sampler.next_batch()
             total += self._step(x, y)
         self.after_round()
-        samples = self.steps_per_round * self.ctx.config.batch_size * self.ctx.group.n_workers
-        return RoundResult(loss=self._mean_over_workers(total) / self.steps_per_round, samples=samples)
+        return RoundResult(loss=self._mean_over_workers(total) / steps, samples=steps * per_step)
 
     def after_round(self) -> None:
         """Synchronisation at the end of a round (none for gradient all-reduce)."""

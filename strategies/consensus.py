@@ -102,7 +102,7 @@ from pnnctl.models import StackedNet, activation_elements, build_model, parse_mo
 from pnnctl.training import ShardSampler
 from pnnctl.workers import WorkerGroup
 from strategies import register
-from strategies.base import Footprint, RoundResult, Strategy, StrategyContext
+from strategies.base import Footprint, RoundResult, Strategy, StrategyContext, steps_this_round
 from strategies.graphs import GraphSequence, edge_list, metropolis_hastings, parse_topology
 
 #: ``w -> (grad g_i(w_i) [n_local, P], mean loss of each agent [n_local])``
@@ -401,18 +401,17 @@ class GraphStrategy(Strategy):
     def agent_weights(self) -> Tensor:
         raise NotImplementedError
 
-    def run_round(self) -> RoundResult:
+    def run_round(self, samples_left: float = math.inf) -> RoundResult:
+        iterations = steps_this_round(self.iterations_per_round, self.samples_per_iteration, samples_left)
         losses = []
-        for _ in range(self.iterations_per_round):
+        for _ in range(iterations):
             losses.append(self.iterate())
             self.iteration += 1
         mean_losses = torch.stack(losses).mean(dim=0)
         group = self.ctx.group
         if group.comm.world_size > 1:
             mean_losses = group.all_gather(mean_losses.reshape(-1, 1))
-        return RoundResult(
-            loss=float(mean_losses.mean()), samples=self.iterations_per_round * self.samples_per_iteration
-        )
+        return RoundResult(loss=float(mean_losses.mean()), samples=iterations * self.samples_per_iteration)
 
     # -- evaluation --------------------------------------------------------------------------------
 

@@ -99,6 +99,9 @@ averaging, the model above, the two system variants. Interpretations (papers.md 
 - optimizer state (momentum, Adam moments) is reset every round: a subnet's units change every
   round and the authors' plain SGD keeps no state. (``centralized`` keeps its state; they agree for
   one round.)
+- a run's last round trains only the local steps its epochs or samples budget still allow (to a
+  whole step), then returns its subnets as every round does: runs of every worker count train the
+  same epochs. (The authors count whole rounds.)
 - uneven widths (``ist.uneven=true``): groups differ by at most one unit; they are stacked padded to
   the largest group, the padded units' weights, biases and BN parameters are zero and their gradients
   are zeroed before every step, so they stay zero and contribute nothing. ``ist.uneven=false``
@@ -154,7 +157,7 @@ from pnnctl.models import (
 )
 from pnnctl.training import ShardSampler, make_optimizer, stacked_cross_entropy, stream_seed
 from strategies import register
-from strategies.base import Footprint, RoundResult, Strategy, StrategyContext
+from strategies.base import Footprint, RoundResult, Strategy, StrategyContext, steps_this_round
 
 VARIANTS = ("central", "sharded")
 RESCALE = ("auto", "on", "off")
@@ -697,8 +700,9 @@ class IndependentSubnetTraining(Strategy):
         state = self.subnet.state_dict()
         return self._pack([state[rule.name] for rule in self.layout.rules])
 
-    def run_round(self) -> RoundResult:
+    def run_round(self, samples_left: float = math.inf) -> RoundResult:
         group, config = self.ctx.group, self.ctx.config
+        steps = steps_this_round(self.options.local_steps, config.batch_size * self.n_workers, samples_left)
         partition = self.draw_partition()
         self.partition = partition
         sent = self.extract(partition)
@@ -718,7 +722,7 @@ class IndependentSubnetTraining(Strategy):
         )
         self.subnet.train()
         loss_sum = torch.zeros(group.n_local, device=self.ctx.device)
-        for _ in range(self.options.local_steps):
+        for _ in range(steps):
             x, y = self.sampler.next_batch()
             optimizer.zero_grad(set_to_none=True)
             total, per_worker = stacked_cross_entropy(self.subnet(x), y)
@@ -737,8 +741,8 @@ class IndependentSubnetTraining(Strategy):
             everyone = self._return_pieces(everything, trained, peers)
         self.write_back(partition, self._unpack(everyone), sent)
 
-        losses = group.all_gather((loss_sum / self.options.local_steps).unsqueeze(1)).reshape(-1)
-        samples = self.options.local_steps * config.batch_size * self.n_workers
+        losses = group.all_gather((loss_sum / steps).unsqueeze(1)).reshape(-1)
+        samples = steps * config.batch_size * self.n_workers
         extras = {"subnet_loss_min": float(losses.min()), "subnet_loss_max": float(losses.max())}
         return RoundResult(loss=float(losses.mean()), samples=samples, extras=extras)
 

@@ -155,7 +155,7 @@ from pnnctl.models import (
 )
 from pnnctl.training import ShardSampler, make_optimizer
 from strategies import register
-from strategies.base import Footprint, RoundResult, Strategy, StrategyContext
+from strategies.base import Footprint, RoundResult, Strategy, StrategyContext, steps_this_round
 
 BYTES_PER_COORD = 4
 
@@ -888,11 +888,12 @@ class PSL(Strategy):
 
     # -- one round --------------------------------------------------------------------------------
 
-    def run_round(self) -> RoundResult:
+    def run_round(self, samples_left: float = math.inf) -> RoundResult:
+        steps = steps_this_round(self.steps_per_round, self.ctx.config.batch_size, samples_left)
         total = 0.0
         extras: dict[str, float] = {}
         accepted, cg_iterations = 0, 0
-        for _ in range(self.steps_per_round):
+        for _ in range(steps):
             index = self.sampler.next_indices()[0]
             x, y = self.ctx.x_train[index], self.ctx.y_train[index]
             if self.qn is None:
@@ -905,11 +906,10 @@ class PSL(Strategy):
         if self.qn is not None:
             extras = {
                 "tr_radius": self.qn.radius,
-                "accepted": accepted / self.steps_per_round,
-                "cg_iterations": cg_iterations / self.steps_per_round,
+                "accepted": accepted / steps,
+                "cg_iterations": cg_iterations / steps,
             }
-        samples = self.steps_per_round * self.ctx.config.batch_size
-        return RoundResult(loss=total / self.steps_per_round, samples=samples, extras=extras)
+        return RoundResult(loss=total / steps, samples=steps * self.ctx.config.batch_size, extras=extras)
 
     def _first_order_step(self, x: Tensor, y: Tensor) -> float:
         self._send(self.x, "psl_params")

@@ -432,7 +432,10 @@ class SIL(Strategy):
     def joined(self) -> bool:
         return self.epoch >= self.apart_epochs
 
-    def run_round(self) -> RoundResult:
+    def run_round(self, samples_left: float = math.inf) -> RoundResult:
+        # A round is one epoch of SIL's schedule (apart epochs, then recovery epochs; ``--epochs`` is
+        # checked to hold them whole), so there is no shorter last round: a samples budget ends it
+        # after the epoch that reaches it.
         if self.epoch == 0:
             self._record_label_table()
         n_train = len(self.ctx.y_train)

@@ -463,8 +463,10 @@ def test_a_run_of_part_of_an_epoch_stops_there_and_evaluates_on_time(
     steps_per_round = math.ceil(0.1 * n_train / samples_per_step)
     epochs = [float(r["epoch"]) for r in result.rows]
     per_round = steps_per_round * samples_per_step / n_train
-    assert epochs == pytest.approx([k * per_round for k in range(len(epochs))])
-    assert epochs[-2] < 0.3 <= epochs[-1]  # the last round is the one that reached the budget
+    assert epochs[:-1] == pytest.approx([k * per_round for k in range(len(epochs) - 1)])
+    # The last round is cut to the budget, to a whole step.
+    assert epochs[-2] < 0.3
+    assert int(result.rows[-1]["samples_seen"]) == math.ceil(0.3 * n_train / samples_per_step) * samples_per_step
     assert result.notes == []
 
 
@@ -475,16 +477,57 @@ def test_a_samples_budget_shortens_default_rounds(small_config, tmp_path: Path) 
     assert int(result.rows[-1]["samples_seen"]) == math.ceil(200 / 32) * 32  # 224, not an epoch's 1,440
 
 
-def test_a_round_that_carries_the_run_well_past_its_budget_is_noted(small_config, tmp_path: Path) -> None:
-    # local-sgd's round is its communication period (4 workers x 16 x 20 steps = 1,280 samples), not
-    # a length the trainer may cut: the run ends past its budget and says so.
-    config = small_config(strategy="local-sgd", workers=4, batch_size=16, epochs=0.3,
+@pytest.mark.parametrize("strategy", ["local-sgd", "ist"])
+def test_a_fixed_period_is_cut_short_in_the_last_round_and_still_synchronises(
+    small_config, tmp_path: Path, strategy: str
+) -> None:
+    # A period of 4 workers x 16 x 20 local steps holds 1,280 samples; one epoch of digits (1,442)
+    # is a whole period and then 3 steps (192 samples), not a second whole period (2,560 in all).
+    config = small_config(strategy=strategy, workers=4, batch_size=16, epochs=1.0, eval_every=0.5,
                           checkpoint_every=1000, out=str(tmp_path))  # fmt: skip
     result = train(config)
-    assert int(result.rows[-1]["samples_seen"]) == 1280
+    n_train = len(load_dataset("digits").y_train)
+    assert [int(r["samples_seen"]) for r in result.rows] == [0, 1280, 1280 + math.ceil((n_train - 1280) / 64) * 64]
+    assert result.notes == []
+    # Both rounds ended in their synchronisation: the bytes of two whole exchanges.
+    first_round_bytes = float(result.rows[1]["bytes_sent_total"])
+    assert float(result.rows[2]["bytes_sent_total"]) == pytest.approx(2 * first_round_bytes)
+    if strategy == "local-sgd":
+        replicas = load_checkpoint(result.run_dir / "checkpoint.pt")["strategy"]["model"]
+        for name, stacked in replicas.items():
+            assert torch.equal(stacked, stacked[:1].expand_as(stacked)), name
+
+
+def test_a_round_that_carries_the_run_well_past_its_budget_is_noted(small_config, tmp_path: Path) -> None:
+    # A round stops on a whole step of every worker: 2 x 32 = 64 samples, so 0.1 epochs of digits
+    # (144 samples) train 3 steps, 192 samples: a third over, which the run says.
+    config = small_config(strategy="allreduce", workers=2, batch_size=32, epochs=0.1, checkpoint_every=1000,
+                          out=str(tmp_path))  # fmt: skip
+    result = train(config)
+    assert int(result.rows[-1]["samples_seen"]) == 192
     (note,) = result.notes
-    assert "where the budget allowed 0.3" in note and "a round of local-sgd here holds 1280 samples" in note
+    assert "where the budget allowed 0.1" in note and "the last round of allreduce held 192 samples" in note
     assert json.loads((result.run_dir / "summary.json").read_text())["warnings"] == [note]
+
+
+def test_a_run_extended_on_resume_trains_what_a_fresh_run_of_the_new_budget_does(
+    small_config, tmp_path: Path
+) -> None:
+    # The resumed run's rounds are sized from the new budget (1,400 samples: 22 steps of 64), and its
+    # last round is cut to what is left (696: 11 steps), so it ends where the fresh run does; it
+    # used to run a whole 22-step round past the 704 already trained (2,112 samples).
+    def config(budget: str, out: Path) -> RunConfig:
+        return small_config(strategy="allreduce", workers=2, batch_size=32, epochs=5.0, budget=budget,
+                            checkpoint_every=1000, out=str(out))  # fmt: skip
+
+    train(config("samples=700", tmp_path / "extended"))
+    extended = train(config("samples=1400", tmp_path / "extended"), resume=True)
+    fresh = train(config("samples=1400", tmp_path / "fresh"))
+    assert [int(r["samples_seen"]) for r in extended.rows] == [0, 704, 1408]
+    assert int(fresh.rows[-1]["samples_seen"]) == 1408
+    assert extended.rows[-1]["test_acc"] == fresh.rows[-1]["test_acc"]
+    weights = [load_checkpoint(run.run_dir / "checkpoint.pt")["strategy"]["model"] for run in (extended, fresh)]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[1])
 
 
 def test_resuming_with_more_epochs_extends_the_run_and_its_config_file(small_config, tmp_path: Path) -> None:
