@@ -237,32 +237,54 @@ def _agreed_checkpoint(ckpt: Path, comm: Comm) -> dict[str, Any] | None:
     raise UsageError("resume", f"{ckpt} and its predecessor do not hold round {agreed}, which every rank has")
 
 
-def _budget_reached(config: RunConfig, state: LoopState, ledger: Ledger, n_train: int) -> bool:
-    if state.samples >= samples_allowed(config, n_train) - 1e-9 * n_train:  # epochs, or a samples budget
-        return True
+def _spent(state: LoopState, ledger: Ledger) -> dict[str, float]:
+    """What the run has used of each thing a budget can cap: samples, the busiest worker's bytes, compute seconds."""
+    return {"samples": state.samples, "bytes": float(ledger.sent[: ledger.n_workers].max()), "seconds": state.compute_s}
+
+
+def _limits(config: RunConfig, n_train: int) -> dict[str, float]:
+    """The caps on what ``_spent`` measures: epochs and a samples budget cap samples; another budget its own."""
+    limits = {"samples": samples_allowed(config, n_train) - 1e-9 * n_train}
     budget = parse_budget(config.budget)
-    if budget is None or budget[0] == "samples":
-        return False
-    kind, amount = budget
-    if kind == "bytes":
-        return float(ledger.sent[: ledger.n_workers].max()) >= amount
-    return state.compute_s >= amount
+    if budget is not None and budget[0] != "samples":
+        limits[budget[0]] = budget[1]
+    return limits
 
 
-def _budget_overshoot(config: RunConfig, samples: int, round_samples: int, n_train: int) -> str:
-    """A note where the last round carried the run well past its epochs or samples budget.
+def _budget_reached(config: RunConfig, state: LoopState, ledger: Ledger, n_train: int) -> bool:
+    spent = _spent(state, ledger)
+    return any(spent[kind] >= limit for kind, limit in _limits(config, n_train).items())
 
-    A last round is cut to what the budget allows, but only to a whole step of every worker (or a
-    whole period where a strategy cannot cut one: sil's epochs), which a small budget can fall far short of.
+
+def _budget_overshoot(
+    config: RunConfig, before: dict[str, float], after: dict[str, float], n_train: int
+) -> list[str]:
+    """Notes where the last round carried the run more than a quarter past a budget it began under.
+
+    A last round is cut to what the epochs or a samples budget allow, but only to a whole step of
+    every worker (or a whole period where a strategy cannot cut one: sil's epochs); bytes and seconds
+    are checked between rounds, and a round a strategy leaves open lasts up to an epoch.
     """
-    allowed = samples_allowed(config, n_train)
-    if samples <= 1.25 * allowed or samples - round_samples >= allowed:
-        return ""  # within a quarter, or stopped by another budget (bytes, seconds) or the strategy
-    return (
-        f"trained {samples / n_train:.3g} epochs ({samples} samples) where the budget allowed "
-        f"{allowed / n_train:.3g}: the last round of {config.strategy} held {round_samples} samples "
-        f"(rounds stop on a whole step of every worker, or on a whole period the strategy cannot cut)"
-    )
+    notes = []
+    for kind, limit in _limits(config, n_train).items():
+        if after[kind] <= 1.25 * limit or before[kind] >= limit:
+            continue  # within a quarter, or stopped by another budget or the strategy
+        last = after[kind] - before[kind]
+        if kind == "samples":
+            allowed = samples_allowed(config, n_train)
+            notes.append(
+                f"trained {after[kind] / n_train:.3g} epochs ({after[kind]:.0f} samples) where the budget allowed "
+                f"{allowed / n_train:.3g}: the last round of {config.strategy} held {last:.0f} samples (rounds "
+                f"stop on a whole step of every worker, or on a whole period the strategy cannot cut)"
+            )
+            continue
+        what, scale, unit = ("the busiest worker sent", 1e6, "MB") if kind == "bytes" else ("computed", 1.0, "s")
+        notes.append(
+            f"{what} {after[kind] / scale:.3g} {unit} where the budget allowed {limit / scale:.3g} {unit}: the "
+            f"last round of {config.strategy} took {last / scale:.3g} {unit}, and {kind} budgets are checked "
+            f"between rounds (a shorter --eval-every shortens the rounds a strategy leaves open)"
+        )
+    return notes
 
 
 def run_summary(rows: list[dict[str, Any]], config: RunConfig) -> dict[str, Any]:
@@ -522,6 +544,7 @@ def train(
                 break
             started = time.perf_counter()
             collectives_before = group.collective_s
+            spent_before = _spent(state, ledger)
             try:
                 with precision_context(device, config.precision):
                     result = strategy.run_round(samples_allowed(config, n_train) - state.samples)
@@ -556,8 +579,7 @@ def train(
             epoch = state.samples / n_train
             done = _budget_reached(config, state, ledger, n_train) or strategy.is_done()
             if done:
-                overshoot = _budget_overshoot(config, state.samples, result.samples, n_train)
-                warnings = [overshoot] if overshoot else []
+                warnings = _budget_overshoot(config, spent_before, _spent(state, ledger), n_train)
             if done or epoch >= state.next_eval_epoch - 1e-9:
                 # The next multiple of eval_every after this epoch (a round may cross several).
                 state.next_eval_epoch = (math.floor(epoch / config.eval_every + 1e-9) + 1) * config.eval_every
