@@ -367,11 +367,15 @@ def compare(
         # The terminal gets the headline columns; summary.csv and report.md hold all of them.
         headline = ("strategy", "workers", "final acc", "best acc", "MB sent/worker", "projected s", "reached")
         rows = []
-        for row in render_table(outcome.cells):
+        table_rows = render_table(outcome.cells)
+        # A --vary grid's cells end in the option values they ran with (strategy/dataset/model/wN/VALUES);
+        # cells of strategies the axis does not touch have none, and still need the column.
+        varied = any(len(row.get("cell", "").split("/")) > 4 for row in table_rows)
+        for row in table_rows:
             short = {k: v for k, v in row.items() if k.startswith(headline)}
-            parts = row.get("cell", "").split("/")
-            if len(parts) > 4:  # a --vary grid: show which option values the cell ran with
-                short = {"strategy": short.pop("strategy"), "variant": parts[-1], **short}
+            if varied:
+                parts = row.get("cell", "").split("/")
+                short = {"strategy": short.pop("strategy"), "variant": parts[4] if len(parts) > 4 else "-", **short}
             rows.append(short)
         if rows:
             table = Table(title=f"{outcome.folder} ({outcome.aggregate_note})")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import io
 import math
+import re
 from pathlib import Path
 
 import numpy as np
@@ -278,7 +279,19 @@ def cell_summary(runs: pd.DataFrame) -> pd.DataFrame:
         out[f"{name}_mean"] = means[name]
         out[f"{name}_std"] = stds[name]
     out = out.reset_index()
+    # Within a (strategy, dataset, model, workers) group the cells differ by --vary values: order them
+    # as numbers where they are numbers (local_steps=5, 20, 80; not 20, 5, 80).
+    ranks = {cell: rank for rank, cell in enumerate(sorted(out["cell"].astype(str).unique(), key=_natural_key))}
+    out["_rank"] = out["cell"].astype(str).map(ranks)
+    out = out.sort_values([*CELL_KEY, "_rank"], kind="stable", ignore_index=True)
     return out[head + figure_columns]
+
+
+def _natural_key(text: str) -> list[float | str]:
+    """Reads each run of digits as a number: ``w8`` before ``w16``, ``lr=0.05`` before ``lr=0.1``."""
+    # re.split with a group alternates text and numbers, so keys compare str with str, float with float.
+    parts = re.split(r"(\d+(?:\.\d+)?)", text)
+    return [float(part) if index % 2 else part for index, part in enumerate(parts)]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -116,6 +116,27 @@ def test_vary_repeats_each_strategys_cells_over_its_own_option_values(tmp_path: 
     assert bytes_by_steps[2] >= 2.5 * bytes_by_steps[8]  # far fewer averages with 4x more local steps
 
 
+def test_a_vary_grid_lists_option_values_in_number_order_and_marks_untouched_cells(
+    cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pnnctl.cli
+
+    monkeypatch.setattr(pnnctl.cli.out_console, "_width", 250)  # one line per row, nothing cut
+    result = cli("compare", "--strategies", "centralized,local-sgd", "--workers", "2", "--datasets", "digits",
+                 "--model", "mlp:64-16-10", "--epochs", "0.2", "--vary", "local-sgd.local_steps=10,2",
+                 "--no-plots", "--out", tmp_path)  # fmt: skip
+    assert result.code == 0, result.err
+    cells = list(pd.read_csv(tmp_path / "compare" / "summary.csv")["cell"])
+    assert [cell.rsplit("/", 1)[-1] for cell in cells] == ["w1", "local_steps=2", "local_steps=10"]  # not 10, 2
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in result.out.splitlines() if line.startswith("│")]
+    # centralized has no local_steps: "-" in the variant column keeps its workers and accuracy in theirs
+    # (the console table used to shift them one column left).
+    assert [row[:3] for row in rows] == [
+        ["centralized", "-", "1"], ["local-sgd", "local_steps=2", "2"], ["local-sgd", "local_steps=10", "2"]
+    ]
+    assert all(row[3].endswith("(n=1)") for row in rows)
+
+
 def test_the_python_api_compare_is_not_shadowed_by_a_module() -> None:
     import importlib
 
