@@ -64,7 +64,7 @@ def steps_this_round(period: int, samples_per_step: int, samples_left: float) ->
     A period the algorithm fixes (local SGD's and IST's local steps) ends early too, and still
     synchronises: a run of E epochs trains E epochs (to a step) whatever its period.
     """
-    if samples_left >= period * samples_per_step:
+    if samples_left >= period * samples_per_step:  # every round but the last (and the default, inf)
         return period
     return min(period, steps_for(samples_left, samples_per_step))
 
