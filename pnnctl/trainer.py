@@ -251,39 +251,55 @@ def _limits(config: RunConfig, n_train: int) -> dict[str, float]:
     return limits
 
 
+def _samples_left(config: RunConfig, state: LoopState, ledger: Ledger, n_train: int, cut_by_bytes: bool) -> float:
+    """What the next round may train: the remainder of the epochs or a samples budget and, under a
+    bytes budget for a strategy whose traffic grows with its steps, the samples the bytes left pay
+    for at the run's rate so far (a first round of one step measures it). A round of up to an epoch
+    used to carry allreduce or consensus up to an epoch's bytes past the budget."""
+    left = samples_allowed(config, n_train) - state.samples
+    budget = parse_budget(config.budget)
+    if not cut_by_bytes or budget is None or budget[0] != "bytes":
+        return left
+    if state.samples == 0:
+        return min(left, 1.0)  # one step: a round holds at least one
+    sent = _spent(state, ledger)["bytes"]
+    return min(left, (budget[1] - sent) * state.samples / sent) if sent > 0 else left
+
+
 def _budget_reached(config: RunConfig, state: LoopState, ledger: Ledger, n_train: int) -> bool:
     spent = _spent(state, ledger)
     return any(spent[kind] >= limit for kind, limit in _limits(config, n_train).items())
 
 
 def _budget_overshoot(
-    config: RunConfig, before: dict[str, float], after: dict[str, float], n_train: int
+    config: RunConfig, before: dict[str, float], after: dict[str, float], n_train: int, cut_by_bytes: bool
 ) -> list[str]:
     """Notes where the last round carried the run more than a quarter past a budget it began under.
 
-    A last round is cut to what the epochs or a samples budget allow, but only to a whole step of
-    every worker (or a whole period where a strategy cannot cut one: sil's epochs); bytes and seconds
+    A last round is cut to what the epochs, a samples budget or (``cut_by_bytes``: the strategy's
+    traffic grows with its steps) a bytes budget allow, but only to a whole step of every worker, or
+    not at all where a strategy cannot cut one (sil's epochs, a local-sgd or ist exchange); seconds
     are checked between rounds, and a round a strategy leaves open lasts up to an epoch.
     """
+    why = {
+        "samples": "rounds stop on a whole step of every worker, or on a whole period the strategy cannot cut",
+        "bytes": "rounds stop on a whole step" if cut_by_bytes else "each round is one exchange, whatever its steps",
+        "seconds": "checked between rounds; a shorter --eval-every shortens the rounds a strategy leaves open",
+    }
     notes = []
     for kind, limit in _limits(config, n_train).items():
         if after[kind] <= 1.25 * limit or before[kind] >= limit:
             continue  # within a quarter, or stopped by another budget or the strategy
         last = after[kind] - before[kind]
         if kind == "samples":
-            allowed = samples_allowed(config, n_train)
-            notes.append(
-                f"trained {after[kind] / n_train:.3g} epochs ({after[kind]:.0f} samples) where the budget allowed "
-                f"{allowed / n_train:.3g}: the last round of {config.strategy} held {last:.0f} samples (rounds "
-                f"stop on a whole step of every worker, or on a whole period the strategy cannot cut)"
-            )
-            continue
-        what, scale, unit = ("the busiest worker sent", 1e6, "MB") if kind == "bytes" else ("computed", 1.0, "s")
-        notes.append(
-            f"{what} {after[kind] / scale:.3g} {unit} where the budget allowed {limit / scale:.3g} {unit}: the "
-            f"last round of {config.strategy} took {last / scale:.3g} {unit}, and {kind} budgets are checked "
-            f"between rounds (a shorter --eval-every shortens the rounds a strategy leaves open)"
-        )
+            spent = f"trained {after[kind] / n_train:.3g} epochs ({after[kind]:.0f} samples)"
+            allowed, took = f"{samples_allowed(config, n_train) / n_train:.3g}", f"held {last:.0f} samples"
+        else:
+            scale, unit = (1e6, "MB") if kind == "bytes" else (1.0, "s")
+            spent = f"{'the busiest worker sent' if kind == 'bytes' else 'computed'} {after[kind] / scale:.3g} {unit}"
+            allowed, took = f"{limit / scale:.3g} {unit}", f"took {last / scale:.3g} {unit}"
+        notes.append(f"{spent} where the budget allowed {allowed}: the last round of {config.strategy} {took} "
+                     f"({why[kind]})")
     return notes
 
 
@@ -547,7 +563,8 @@ def train(
             spent_before = _spent(state, ledger)
             try:
                 with precision_context(device, config.precision):
-                    result = strategy.run_round(samples_allowed(config, n_train) - state.samples)
+                    samples_left = _samples_left(config, state, ledger, n_train, strategy.traffic_grows_with_steps)
+                    result = strategy.run_round(samples_left)
                 wait_for_gpu()
             except RuntimeError as exc:
                 # torch refuses a float32 overflow (say, Adam's lr / (1 - beta1) past 3.4e38): that is divergence.
@@ -579,7 +596,9 @@ def train(
             epoch = state.samples / n_train
             done = _budget_reached(config, state, ledger, n_train) or strategy.is_done()
             if done:
-                warnings = _budget_overshoot(config, spent_before, _spent(state, ledger), n_train)
+                warnings = _budget_overshoot(
+                    config, spent_before, _spent(state, ledger), n_train, strategy.traffic_grows_with_steps
+                )
             if done or epoch >= state.next_eval_epoch - 1e-9:
                 # The next multiple of eval_every after this epoch (a round may cross several).
                 state.next_eval_epoch = (math.floor(epoch / config.eval_every + 1e-9) + 1) * config.eval_every

@@ -98,6 +98,9 @@ class Strategy(ABC):
     single_worker: ClassVar[bool] = False
     #: What the strategy's paper reports, quoted beside our numbers in reports ("" for baselines).
     published: ClassVar[str] = ""
+    #: True where a round's traffic grows with its steps, so a bytes budget can cut a round short;
+    #: False where a round is one exchange whatever its length (a cut period would cost the same bytes).
+    traffic_grows_with_steps: ClassVar[bool] = True
 
     def __init__(self, ctx: StrategyContext, options: Any) -> None:
         self.ctx = ctx

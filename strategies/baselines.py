@@ -184,6 +184,7 @@ class LocalSGD(DataParallel):
     name = "local-sgd"
     summary = "H local steps per worker, then parameters averaged by ring all-reduce"
     Options = LocalSGDOptions
+    traffic_grows_with_steps = False
 
     def round_steps(self) -> int:
         return self.options.local_steps

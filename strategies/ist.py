@@ -334,6 +334,7 @@ class IndependentSubnetTraining(Strategy):
         "data-parallel / local-SGD at similar accuracy (Speech Commands, CIFAR-10, Amazon-670k). "
         "ResIST follow-up: 3.58-3.81x speed-up over local SGD, <=1% accuracy gap on CIFAR-10/100."
     )
+    traffic_grows_with_steps = False  # a round sends every subnet down and back once, whatever its local steps
 
     def __init__(self, ctx: StrategyContext, options: ISTOptions) -> None:
         super().__init__(ctx, options)

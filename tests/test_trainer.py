@@ -510,24 +510,33 @@ def test_a_round_that_carries_the_run_well_past_its_budget_is_noted(small_config
     assert json.loads((result.run_dir / "summary.json").read_text())["warnings"] == [note]
 
 
-def test_a_bytes_budget_overshot_by_a_long_round_is_noted_and_a_shorter_eval_every_avoids_it(
+def test_a_bytes_budget_stops_a_strategy_that_talks_every_step_on_the_step_that_reaches_it(
     small_config, tmp_path: Path
 ) -> None:
-    # allreduce's open round is an epoch: 23 steps of 4 x 16 digits samples, each step a ring
-    # all-reduce of the 2,410 parameters (2 x 3/4 x 9,640 bytes per worker): 332,580 bytes, 2.2x the budget.
+    # Each allreduce step is a ring all-reduce of the 2,410 parameters: 2 x 3/4 x 9,640 = 14,460 bytes per
+    # worker (4 workers x 16), so 150,000 bytes take 11 steps. The open round is an epoch (23 steps,
+    # 332,580 bytes): the run used to train it whole. Now a first step measures the cost and the next
+    # round is cut to what the bytes left pay for.
     step_bytes = 2 * 3 / 4 * 4 * (64 * 32 + 32 + 32 * 10 + 10)
     config = small_config(strategy="allreduce", workers=4, batch_size=16, budget="bytes=150000",
                           checkpoint_every=1000, out=str(tmp_path))  # fmt: skip
     result = train(config)
-    sent = float(result.rows[-1]["bytes_sent_max_worker"])
-    assert sent == pytest.approx(23 * step_bytes)
+    assert float(result.rows[-1]["bytes_sent_max_worker"]) == pytest.approx(11 * step_bytes)
+    assert int(result.rows[-1]["samples_seen"]) == 11 * 64 and int(result.rows[-1]["round"]) == 2
+    assert result.notes == []
+
+
+def test_a_bytes_budget_below_one_exchange_of_local_sgd_is_overshot_and_noted(small_config, tmp_path: Path) -> None:
+    # local-sgd's round is one parameter average (14,460 bytes per worker here) however few its steps, so
+    # a budget of 10,000 bytes cannot be met; the run trains its first period and says so.
+    config = small_config(strategy="local-sgd", workers=4, batch_size=16, budget="bytes=10000",
+                          checkpoint_every=1000, out=str(tmp_path))  # fmt: skip
+    result = train(config)
+    assert int(result.rows[-1]["samples_seen"]) == 20 * 64  # a whole period: the budget does not cut it
     (note,) = result.notes
-    assert note.startswith(f"the busiest worker sent {sent / 1e6:.3g} MB where the budget allowed 0.15 MB")
-    short = train(small_config(strategy="allreduce", workers=4, batch_size=16, budget="bytes=150000",
-                               eval_every=0.1, checkpoint_every=1000, out=str(tmp_path / "short")))  # fmt: skip
-    # eval_every 0.1: rounds of 3 steps, so the run stops within a round (43,380 bytes) of the budget.
-    short_sent = float(short.rows[-1]["bytes_sent_max_worker"])
-    assert 150000 <= short_sent < 150000 + 3 * step_bytes and short.notes == []
+    assert note == ("the busiest worker sent 0.0145 MB where the budget allowed 0.01 MB: the last round of local-sgd "
+                    "took 0.0145 MB (each round is one exchange, whatever its steps)")  # fmt: skip
+    assert json.loads((result.run_dir / "summary.json").read_text())["warnings"] == [note]
 
 
 def test_budget_notes_name_what_was_overshot_and_only_past_a_quarter() -> None:
@@ -535,11 +544,11 @@ def test_budget_notes_name_what_was_overshot_and_only_past_a_quarter() -> None:
 
     config = validate(RunConfig(strategy="allreduce", dataset="digits", epochs=1.0, budget="seconds=10"))
     before = {"samples": 500.0, "bytes": 0.0, "seconds": 9.0}
-    assert _budget_overshoot(config, before, {**before, "seconds": 12.5}, 1000) == []  # 25% over: quiet
-    (note,) = _budget_overshoot(config, before, {**before, "seconds": 13.0}, 1000)
-    assert note.startswith("computed 13 s where the budget allowed 10 s: the last round of allreduce took 4 s")
-    assert _budget_overshoot(config, {**before, "seconds": 10.0}, {**before, "seconds": 30.0}, 1000) == []
-    (note,) = _budget_overshoot(config, before, {**before, "samples": 1300.0}, 1000)  # the epochs cap too
+    assert _budget_overshoot(config, before, {**before, "seconds": 12.5}, 1000, True) == []  # 25% over: quiet
+    (note,) = _budget_overshoot(config, before, {**before, "seconds": 13.0}, 1000, True)
+    assert note.startswith("computed 13 s where the budget allowed 10 s: the last round of allreduce took 4 s (")
+    assert _budget_overshoot(config, {**before, "seconds": 10.0}, {**before, "seconds": 30.0}, 1000, True) == []
+    (note,) = _budget_overshoot(config, before, {**before, "samples": 1300.0}, 1000, True)  # the epochs cap too
     assert note.startswith("trained 1.3 epochs (1300 samples) where the budget allowed 1: the last round")
 
 
