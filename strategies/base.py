@@ -42,15 +42,11 @@ class StrategyContext:
     y_train: Tensor  # on device
 
     def default_round_steps(self, samples_per_step: int) -> int:
-        """Steps in a round whose length the user left open: an epoch, or less where the run stops
-        or evaluates sooner. The trainer checks the budget and evaluates between rounds only, so
-        epoch-long rounds made ``--epochs 0.2`` train a whole epoch and ``eval_every 0.25`` evaluate
-        once an epoch."""
-        from pnnctl.config import samples_allowed
-
+        """Steps in a round whose length the user left open: an epoch, or ``eval_every`` where shorter
+        (the trainer evaluates between rounds only, so epoch-long rounds evaluated ``eval_every 0.25``
+        once an epoch). Where the run's budget ends sooner, ``run_round(samples_left)`` cuts the round."""
         n_train = len(self.y_train)
-        samples = min(n_train, self.config.eval_every * n_train, samples_allowed(self.config, n_train))
-        return steps_for(samples, samples_per_step)
+        return steps_for(min(n_train, self.config.eval_every * n_train), samples_per_step)
 
 
 def steps_for(samples: float, samples_per_step: int) -> int:
