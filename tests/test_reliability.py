@@ -218,6 +218,24 @@ def test_every_strategy_resumes_after_sigkill_to_identical_metrics(strategy: str
     pd.testing.assert_frame_equal(deterministic(again), deterministic(whole))
 
 
+def test_a_run_cut_by_a_bytes_budget_resumes_after_sigkill_to_identical_metrics(tmp_path: Path) -> None:
+    # Rounds sized from the ledger (a one-step first round, then cut to the bytes left) are sized alike
+    # after a resume, which reads the ledger and the samples from the checkpoint.
+    args = ["train", "--strategy", "consensus", "--dataset", "digits", "--model", "mlp:64-32-10", "--workers", "3",
+            "--epochs", "3", "--eval-every", "0.5", "--batch-size", "16", "--budget", "bytes=2e6"]
+    reference = run_cli([*args, "--out", str(tmp_path / "whole")])
+    assert reference.returncode == 0, reference.stderr
+    killed = run_cli([*args, "--out", str(tmp_path / "killed")], env={"PNNCTL_FAULT": "round:3"})
+    assert killed.returncode == -9, killed.stderr[-500:]
+    resumed = run_cli([*args, "--out", str(tmp_path / "killed"), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    whole = pd.read_csv(tmp_path / "whole" / "consensus-w3-s0" / "metrics.csv")
+    again = pd.read_csv(tmp_path / "killed" / "consensus-w3-s0" / "metrics.csv")
+    pd.testing.assert_frame_equal(deterministic(again), deterministic(whole))
+    # Each NEXT iteration sends weights and tracker to both other agents: 2 x 2 x 9,640 bytes.
+    assert 2e6 <= whole["bytes_sent_max_worker"].iloc[-1] < 2e6 + 4 * 9640 and whole["round"].iloc[-1] > 3
+
+
 def test_sigterm_checkpoints_exits_143_and_resumes_to_identical_metrics(tmp_path: Path, uninterrupted) -> None:
     import signal
     import subprocess
