@@ -330,7 +330,7 @@ def fastest_to_target(
         raise UsageError("target_acc", "fastest-to-target needs a target accuracy, a fraction in [0, 1]")
     frame = runs_metrics.copy()
     frame["cell"] = cell_names(frame)
-    cells = sorted(frame["cell"].unique())
+    cells = sorted(frame["cell"].unique(), key=_natural_key)
     first = _first_reaching(frame, target)
     run_cells = frame.groupby("run_id", sort=False)["cell"].first()
     rows: dict[str, dict[str, object]] = {}

@@ -222,6 +222,13 @@ def test_fastest_to_target_depends_on_the_network() -> None:
     assert result[never_cell].isna().all()
 
 
+def test_cells_read_worker_counts_as_numbers_in_the_tables() -> None:
+    metrics = table(*(run_rows("a", 0, [0.5, 0.95], workers=w) for w in (16, 8, 2)))
+    order = ["a/mnist/mlp/w2", "a/mnist/mlp/w8", "a/mnist/mlp/w16"]  # as strings: w16, w2, w8
+    assert list(cell_summary(run_summaries(metrics, 0.9))["cell"]) == order
+    assert list(fastest_to_target(metrics, 0.9, [NETWORK_PRESETS["wan"]]).columns) == [*order, "fastest"]
+
+
 def test_fastest_is_nan_when_nobody_reaches() -> None:
     result = fastest_to_target(table(run_rows("a", 0, [0.1])), 0.9, [NETWORK_PRESETS["wan"]])
     assert pd.isna(result.loc["wan", "fastest"])
