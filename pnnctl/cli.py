@@ -370,12 +370,12 @@ def compare(
         table_rows = render_table(outcome.cells)
         # A --vary grid's cells end in the option values they ran with (strategy/dataset/model/wN/VALUES);
         # cells of strategies the axis does not touch have none, and still need the column.
-        varied = any(len(row.get("cell", "").split("/")) > 4 for row in table_rows)
-        for row in table_rows:
+        variants = [row.get("cell", "").split("/")[4:] for row in table_rows]
+        varied = any(variants)
+        for row, variant in zip(table_rows, variants, strict=True):
             short = {k: v for k, v in row.items() if k.startswith(headline)}
             if varied:
-                parts = row.get("cell", "").split("/")
-                short = {"strategy": short.pop("strategy"), "variant": parts[4] if len(parts) > 4 else "-", **short}
+                short = {"strategy": short.pop("strategy"), "variant": "/".join(variant) or "-", **short}
             rows.append(short)
         if rows:
             table = Table(title=f"{outcome.folder} ({outcome.aggregate_note})")

@@ -251,19 +251,19 @@ def _limits(config: RunConfig, n_train: int) -> dict[str, float]:
     return limits
 
 
-def _samples_left(config: RunConfig, state: LoopState, ledger: Ledger, n_train: int, cut_by_bytes: bool) -> float:
-    """What the next round may train: the remainder of the epochs or a samples budget and, under a
-    bytes budget for a strategy whose traffic grows with its steps, the samples the bytes left pay
-    for at the run's rate so far (a first round of one step measures it). A round of up to an epoch
-    used to carry allreduce or consensus up to an epoch's bytes past the budget."""
-    left = samples_allowed(config, n_train) - state.samples
-    budget = parse_budget(config.budget)
-    if not cut_by_bytes or budget is None or budget[0] != "bytes":
+def _samples_left(config: RunConfig, spent: dict[str, float], n_train: int, cut_by_bytes: bool) -> float:
+    """What the next round may train, given what the run has ``spent``: the remainder of the epochs or a
+    samples budget and, under a bytes budget for a strategy whose traffic grows with its steps, the
+    samples the bytes left pay for at the run's rate so far (a first round of one step measures it).
+    A round of up to an epoch used to carry allreduce or consensus up to an epoch's bytes past the budget."""
+    left = samples_allowed(config, n_train) - spent["samples"]
+    byte_limit = _limits(config, n_train).get("bytes")
+    if not cut_by_bytes or byte_limit is None:
         return left
-    if state.samples == 0:
+    if spent["samples"] == 0:
         return min(left, 1.0)  # one step: a round holds at least one
-    sent = _spent(state, ledger)["bytes"]
-    return min(left, (budget[1] - sent) * state.samples / sent) if sent > 0 else left
+    sent = spent["bytes"]
+    return min(left, (byte_limit - sent) * spent["samples"] / sent) if sent > 0 else left
 
 
 def _budget_reached(config: RunConfig, state: LoopState, ledger: Ledger, n_train: int) -> bool:
@@ -563,7 +563,7 @@ def train(
             spent_before = _spent(state, ledger)
             try:
                 with precision_context(device, config.precision):
-                    samples_left = _samples_left(config, state, ledger, n_train, strategy.traffic_grows_with_steps)
+                    samples_left = _samples_left(config, spent_before, n_train, strategy.traffic_grows_with_steps)
                     result = strategy.run_round(samples_left)
                 wait_for_gpu()
             except RuntimeError as exc:

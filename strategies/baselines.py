@@ -40,7 +40,7 @@ from strategies.base import Footprint, RoundResult, Strategy, StrategyContext, s
 class DataParallelOptions:
     steps_per_round: int = 0
     """optimizer steps per round, the unit between checkpoints and budget checks (0: one epoch, or
-    the run's epochs, eval_every or samples budget where shorter)"""
+    eval_every where shorter; a run's last round is cut to its budget)"""
 
     def validate(self) -> None:
         if self.steps_per_round < 0:
@@ -83,6 +83,7 @@ class DataParallel(Strategy):
         self.sampler = ShardSampler(
             ctx.x_train, ctx.y_train, ctx.shards, group.local_workers, config.batch_size, config.seed
         )
+        self.samples_per_step = group.n_workers * config.batch_size
         self.steps_per_round = self.round_steps()
         self.gradients = (
             GradientBuffer(list(self.model.parameters()))
@@ -91,8 +92,7 @@ class DataParallel(Strategy):
         )
 
     def round_steps(self) -> int:
-        per_step = self.ctx.group.n_workers * self.ctx.config.batch_size
-        return self.options.steps_per_round or self.ctx.default_round_steps(per_step)
+        return self.options.steps_per_round or self.ctx.default_round_steps(self.samples_per_step)
 
     def train_step(self, x: Tensor, y: Tensor) -> float:
         """One optimizer step of every local worker on ``x [n_local, B, ...]``; returns the mean loss."""
@@ -127,8 +127,7 @@ class DataParallel(Strategy):
         return float(group.all_gather(per_worker.reshape(-1, 1)).mean())
 
     def run_round(self, samples_left: float = math.inf) -> RoundResult:
-        per_step = self.ctx.config.batch_size * self.ctx.group.n_workers
-        steps = steps_this_round(self.steps_per_round, per_step, samples_left)
+        steps = steps_this_round(self.steps_per_round, self.samples_per_step, samples_left)
         # Losses are summed locally and gathered once per round: a gather per step would add a
         # collective (and its latency) to every step of a distributed run.
         total = torch.zeros(self.ctx.group.n_local, dtype=torch.float64, device=self.ctx.device)
@@ -136,7 +135,7 @@ class DataParallel(Strategy):
             x, y = self.sampler.next_batch()
             total += self._step(x, y)
         self.after_round()
-        return RoundResult(loss=self._mean_over_workers(total) / steps, samples=steps * per_step)
+        return RoundResult(loss=self._mean_over_workers(total) / steps, samples=steps * self.samples_per_step)
 
     def after_round(self) -> None:
         """Synchronisation at the end of a round (none for gradient all-reduce)."""

@@ -140,7 +140,7 @@ class DGDOptions:
     """step decay alpha[n+1] = alpha[n] (1 - epsilon alpha[n]); 0 keeps the step constant"""
     iterations_per_round: int = 0
     """iterations per round, the unit between checkpoints and budget checks (0: one epoch's worth of
-    samples, or the run's epochs, eval_every or samples budget where shorter)"""
+    samples, or eval_every where shorter; a run's last round is cut to its budget)"""
     init: str = "identical"
     """identical: every agent starts from the same weights; independent: each from its own draw"""
 

@@ -669,7 +669,7 @@ class PSLOptions:
     """master optimizer: config (--optimizer sgd|adam|adamw, --lr) | plbfgs (partitioned L-BFGS) | lbfgs"""
     steps_per_round: int = 0
     """master steps per round, the unit between checkpoints and budget checks (0: one epoch of global
-    batches, or the run's epochs, eval_every or samples budget where shorter)"""
+    batches, or eval_every where shorter; a run's last round is cut to its budget)"""
     memory: int = 5
     """plbfgs/lbfgs: secant pairs kept per element"""
     tr_radius: float = 1.0

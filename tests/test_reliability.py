@@ -200,22 +200,28 @@ def test_every_registered_strategy_has_a_kill_and_resume_case() -> None:
     assert set(EVERY_STRATEGY) == set(STRATEGIES)
 
 
+def whole_and_killed_then_resumed(args: list[str], run_id: str, fault: str, tmp_path: Path) -> pd.DataFrame:
+    """Runs ``args`` uninterrupted and again SIGKILLed at ``fault`` then resumed; asserts the two runs'
+    metrics match (timing columns aside) and returns the uninterrupted run's."""
+    reference = run_cli([*args, "--out", str(tmp_path / "whole")])
+    assert reference.returncode == 0, reference.stderr
+    killed = run_cli([*args, "--out", str(tmp_path / "killed")], env={"PNNCTL_FAULT": fault})
+    assert killed.returncode == -9, killed.stderr[-500:]
+    resumed = run_cli([*args, "--out", str(tmp_path / "killed"), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    whole = pd.read_csv(tmp_path / "whole" / run_id / "metrics.csv")
+    again = pd.read_csv(tmp_path / "killed" / run_id / "metrics.csv")
+    pd.testing.assert_frame_equal(deterministic(again), deterministic(whole))
+    return whole
+
+
 @pytest.mark.parametrize("strategy", sorted(EVERY_STRATEGY))
 def test_every_strategy_resumes_after_sigkill_to_identical_metrics(strategy: str, tmp_path: Path) -> None:
     workers, model, extra = EVERY_STRATEGY[strategy]
     args = ["train", "--strategy", strategy, "--dataset", "digits", "--model", model, "--workers", str(workers),
             "--epochs", "3", "--eval-every", "1", "--batch-size", "16", *extra]
-    reference = run_cli([*args, "--out", str(tmp_path / "whole")])
-    assert reference.returncode == 0, reference.stderr
-    killed = run_cli([*args, "--out", str(tmp_path / "killed")], env={"PNNCTL_FAULT": "round:2"})
-    assert killed.returncode == -9, killed.stderr[-500:]
-    resumed = run_cli([*args, "--out", str(tmp_path / "killed"), "--resume"])
-    assert resumed.returncode == 0, resumed.stderr
-    run_id = f"{strategy}-w{workers}-s0"
-    whole = pd.read_csv(tmp_path / "whole" / run_id / "metrics.csv")
-    again = pd.read_csv(tmp_path / "killed" / run_id / "metrics.csv")
+    whole = whole_and_killed_then_resumed(args, f"{strategy}-w{workers}-s0", "round:2", tmp_path)
     assert len(whole) >= 3
-    pd.testing.assert_frame_equal(deterministic(again), deterministic(whole))
 
 
 def test_a_run_cut_by_a_bytes_budget_resumes_after_sigkill_to_identical_metrics(tmp_path: Path) -> None:
@@ -223,15 +229,7 @@ def test_a_run_cut_by_a_bytes_budget_resumes_after_sigkill_to_identical_metrics(
     # after a resume, which reads the ledger and the samples from the checkpoint.
     args = ["train", "--strategy", "consensus", "--dataset", "digits", "--model", "mlp:64-32-10", "--workers", "3",
             "--epochs", "3", "--eval-every", "0.5", "--batch-size", "16", "--budget", "bytes=2e6"]
-    reference = run_cli([*args, "--out", str(tmp_path / "whole")])
-    assert reference.returncode == 0, reference.stderr
-    killed = run_cli([*args, "--out", str(tmp_path / "killed")], env={"PNNCTL_FAULT": "round:3"})
-    assert killed.returncode == -9, killed.stderr[-500:]
-    resumed = run_cli([*args, "--out", str(tmp_path / "killed"), "--resume"])
-    assert resumed.returncode == 0, resumed.stderr
-    whole = pd.read_csv(tmp_path / "whole" / "consensus-w3-s0" / "metrics.csv")
-    again = pd.read_csv(tmp_path / "killed" / "consensus-w3-s0" / "metrics.csv")
-    pd.testing.assert_frame_equal(deterministic(again), deterministic(whole))
+    whole = whole_and_killed_then_resumed(args, "consensus-w3-s0", "round:3", tmp_path)
     # Each NEXT iteration sends weights and tracker to both other agents: 2 x 2 x 9,640 bytes.
     assert 2e6 <= whole["bytes_sent_max_worker"].iloc[-1] < 2e6 + 4 * 9640 and whole["round"].iloc[-1] > 3
 

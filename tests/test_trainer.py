@@ -555,9 +555,9 @@ def test_budget_notes_name_what_was_overshot_and_only_past_a_quarter() -> None:
 def test_a_run_extended_on_resume_trains_what_a_fresh_run_of_the_new_budget_does(
     small_config, tmp_path: Path
 ) -> None:
-    # The resumed run's rounds are sized from the new budget (1,400 samples: 22 steps of 64), and its
-    # last round is cut to what is left (696: 11 steps), so it ends where the fresh run does; it
-    # used to run a whole 22-step round past the 704 already trained (2,112 samples).
+    # The resumed run's round is cut to what the new budget leaves (696 samples: 11 steps of 64), so it
+    # ends where the fresh run does; it used to run a whole 22-step round past the 704 already
+    # trained (2,112 samples).
     def config(budget: str, out: Path) -> RunConfig:
         return small_config(strategy="allreduce", workers=2, batch_size=32, epochs=5.0, budget=budget,
                             checkpoint_every=1000, out=str(out))  # fmt: skip
