@@ -368,19 +368,24 @@ def compare(
         headline = ("strategy", "workers", "final acc", "best acc", "MB sent/worker", "projected s", "reached")
         rows = []
         table_rows = render_table(outcome.cells)
-        # A --vary grid's cells end in the option values they ran with (strategy/dataset/model/wN/VALUES);
-        # cells of strategies the axis does not touch have none, and still need the column.
-        variants = [row.get("cell", "").split("/")[4:] for row in table_rows]
-        varied = any(variants)
-        for row, variant in zip(table_rows, variants, strict=True):
+        # A cell is strategy/dataset/model/wN[/VALUES]: the dataset and model get a column where the grid
+        # has several (rows would otherwise look alike), the --vary values where any cell has them (cells of
+        # strategies the axis does not touch have none, and still need the column).
+        parts = [row.get("cell", "").split("/") for row in table_rows]
+        shown = [(name, index) for name, index in (("dataset", 1), ("model", 2))
+                 if len({cell[index] for cell in parts if len(cell) > index}) > 1]
+        varied = any(cell[4:] for cell in parts)
+        for row, cell in zip(table_rows, parts, strict=True):
             short = {k: v for k, v in row.items() if k.startswith(headline)}
+            described = {name: cell[index] if len(cell) > index else "-" for name, index in shown}
             if varied:
-                short = {"strategy": short.pop("strategy"), "variant": "/".join(variant) or "-", **short}
-            rows.append(short)
+                described["variant"] = "/".join(cell[4:]) or "-"
+            rows.append({"strategy": short.pop("strategy"), **described, **short})
         if rows:
             table = Table(title=f"{outcome.folder} ({outcome.aggregate_note})")
             for col in rows[0]:
-                table.add_column(col)
+                # Names are what tells rows apart: the figures' columns wrap first.
+                table.add_column(col, no_wrap=col in ("strategy", "dataset", "model", "variant"))
             for row in rows:
                 table.add_row(*row.values())
             out_console.print(table)

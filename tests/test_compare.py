@@ -137,6 +137,23 @@ def test_a_vary_grid_lists_option_values_in_number_order_and_marks_untouched_cel
     assert all(row[3].endswith("(n=1)") for row in rows)
 
 
+def test_a_grid_over_two_datasets_names_each_rows_dataset(
+    cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pnnctl.cli
+
+    monkeypatch.setattr(pnnctl.cli.out_console, "_width", 250)
+    result = cli("compare", "--strategies", "allreduce", "--workers", "2", "--datasets", "digits,synthetic",
+                 "--set", "synthetic.samples=600", "--epochs", "0.2", "--no-plots", "--out", tmp_path)  # fmt: skip
+    assert result.code == 0, result.err
+    summary = pd.read_csv(tmp_path / "compare" / "summary.csv").set_index("dataset")
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in result.out.splitlines() if line.startswith("│")]
+    # Without the dataset column the two rows read "allreduce | 2 | ..." alike.
+    assert [row[:3] for row in rows] == [["allreduce", "digits", "2"], ["allreduce", "synthetic", "2"]]
+    for row in rows:
+        assert row[3] == f"{100 * summary.loc[row[1], 'final_acc_mean']:.2f} (n=1)"
+
+
 def test_the_python_api_compare_is_not_shadowed_by_a_module() -> None:
     import importlib
 
