@@ -178,13 +178,15 @@ def _env_value(value: object) -> str:
 
 def _fastest_rows(fastest: pd.DataFrame) -> list[dict[str, str]]:
     rows: list[dict[str, str]] = []
-    cells = [column for column in fastest.columns if column != "fastest"]
+    # The winner columns: "fastest", or "fastest on DATASET" for each dataset of the grid.
+    winners = [column for column in fastest.columns if str(column).startswith("fastest")]
+    cells = [column for column in fastest.columns if column not in winners]
     for network, values in fastest.iterrows():
         row = {"network": str(network)}
         for cell in cells:
             row[f"{cell} (s)"] = _number(float(values[cell]))
-        winner = values.get("fastest")
-        row["fastest"] = _NONE if pd.isna(winner) else str(winner)
+        for column in winners:
+            row[column] = _NONE if pd.isna(values[column]) else str(values[column])
         rows.append(row)
     return rows
 

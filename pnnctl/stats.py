@@ -323,7 +323,9 @@ def fastest_to_target(
 
     ``runs_metrics`` is the per-row metrics table (as from :func:`load_metrics`). A cell's mean is
     over the seeds that reached the target (a cell counts if any seed did); NaN when none did.
-    Rows are indexed by network name; ``fastest`` is NaN where no cell reached the target.
+    Rows are indexed by network name; ``fastest`` is NaN where no cell reached the target. A grid over
+    several datasets gets a ``fastest on DATASET`` column for each instead: a target accuracy is a
+    different bar on other data, so the winner is chosen among cells of one dataset.
     """
     target = _check_target(target_acc)
     if target is None:
@@ -333,13 +335,20 @@ def fastest_to_target(
     cells = sorted(frame["cell"].unique(), key=_natural_key)
     first = _first_reaching(frame, target)
     run_cells = frame.groupby("run_id", sort=False)["cell"].first()
+    cell_datasets = frame.groupby("cell")["dataset"].first().astype(str)
+    datasets = sorted(cell_datasets.unique(), key=_natural_key)
+    winners = {"fastest": cells} if len(datasets) == 1 else {
+        f"fastest on {dataset}": [cell for cell in cells if cell_datasets[cell] == dataset] for dataset in datasets
+    }
     rows: dict[str, dict[str, object]] = {}
     for network in networks:
         seconds = project_time(first, network)
         per_cell = seconds.groupby(run_cells.reindex(seconds.index)).mean().reindex(cells)
         row: dict[str, object] = {cell: float(per_cell[cell]) for cell in cells}
-        row["fastest"] = per_cell.idxmin() if per_cell.notna().any() else np.nan
+        for column, candidates in winners.items():
+            among = per_cell[candidates]
+            row[column] = among.idxmin() if among.notna().any() else np.nan
         rows[network.name] = row
-    out = pd.DataFrame.from_dict(rows, orient="index", columns=[*cells, "fastest"])
+    out = pd.DataFrame.from_dict(rows, orient="index", columns=[*cells, *winners])
     out.index.name = "network"
     return out

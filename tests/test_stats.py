@@ -222,6 +222,31 @@ def test_fastest_to_target_depends_on_the_network() -> None:
     assert result[never_cell].isna().all()
 
 
+def test_fastest_is_chosen_within_each_dataset_of_a_grid() -> None:
+    # A target is a different bar on other data: "a" wins on easy data in 5 s, "b" on hard data in 20 s;
+    # one winner over both would always name the easy dataset's cell.
+    def on(dataset: str, rows: list[dict[str, object]]) -> list[dict[str, object]]:
+        return [{**row, "dataset": dataset, "run_id": f"{row['run_id']}-{dataset}"} for row in rows]
+
+    metrics = table(
+        on("easy", run_rows("a", 0, [0.95], compute_per_round=5)),
+        on("easy", run_rows("b", 0, [0.95], compute_per_round=8)),
+        on("hard", run_rows("a", 0, [0.5, 0.5, 0.95], compute_per_round=10)),
+        on("hard", run_rows("b", 0, [0.5, 0.95], compute_per_round=10)),
+    )
+    result = fastest_to_target(metrics, 0.9, [NETWORK_PRESETS["dc-100g"]])
+    assert list(result.columns) == ["a/easy/mlp/w4", "a/hard/mlp/w4", "b/easy/mlp/w4", "b/hard/mlp/w4",
+                                    "fastest on easy", "fastest on hard"]
+    assert result.loc["dc-100g", "fastest on easy"] == "a/easy/mlp/w4"
+    assert result.loc["dc-100g", "fastest on hard"] == "b/hard/mlp/w4"
+    assert result.loc["dc-100g", "b/hard/mlp/w4"] == pytest.approx(20 + NETWORK_PRESETS["dc-100g"].seconds(4, 2000))
+    from pnnctl.report import _fastest_rows
+
+    assert {k: v for k, v in _fastest_rows(result)[0].items() if k.startswith("fastest")} == {
+        "fastest on easy": "a/easy/mlp/w4", "fastest on hard": "b/hard/mlp/w4"
+    }
+
+
 def test_cells_read_worker_counts_as_numbers_in_the_tables() -> None:
     metrics = table(*(run_rows("a", 0, [0.5, 0.95], workers=w) for w in (16, 8, 2)))
     order = ["a/mnist/mlp/w2", "a/mnist/mlp/w8", "a/mnist/mlp/w16"]  # as strings: w16, w2, w8
