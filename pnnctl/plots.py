@@ -80,7 +80,7 @@ def _cell_labels(cells: pd.DataFrame) -> dict[str, str]:
         parts = [str(row.strategy)]
         parts += [str(row.dataset)] if "dataset" in varying else []
         parts += [str(row.model)] if "model" in varying else []
-        parts += [f"{row.workers} workers"] if "workers" in varying else []
+        parts += [f"{row.workers} worker{'' if row.workers == 1 else 's'}"] if "workers" in varying else []
         labels[row.cell] = " · ".join(parts)
     return labels
 
@@ -225,12 +225,24 @@ def _draw_curves(
 # Figures
 
 
-def _finish(ax: Axes, title: str, xlabel: str, ylabel: str) -> None:
+#: Legend entries that still fit inside the axes; more cover the data wherever "best" puts them.
+_LEGEND_INSIDE_MAX = 8
+
+
+def _legend_inside(ax: Axes) -> bool:
+    return len(ax.get_legend_handles_labels()[0]) <= _LEGEND_INSIDE_MAX
+
+
+def _finish(ax: Axes, title: str, xlabel: str, ylabel: str, legend: bool = True) -> None:
     ax.set_title(title)
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
-    if ax.get_legend_handles_labels()[0]:
+    if not legend or not ax.get_legend_handles_labels()[0]:
+        return
+    if _legend_inside(ax):
         ax.legend(fontsize="small", loc="best")
+    else:  # beside the axes; savefig's tight bounding box widens the figure to hold it
+        ax.legend(fontsize="small", loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
 
 
 def _fig_acc_vs_epoch(metrics: pd.DataFrame, cells: pd.DataFrame, labels: dict, styles: dict) -> Figure:
@@ -335,9 +347,16 @@ def _fig_pareto(summary: pd.DataFrame, labels: dict, styles: dict) -> Figure:
             capsize=3,
             label=f"{labels[cell]} (n={summary['n_seeds'].iloc[i]})",
         )
-    front = pareto_front(x, y)
-    if len(front) >= 2:
-        ax.plot(x[front], y[front], color="0.35", linestyle="--", linewidth=1, zorder=0, label="Pareto front")
+    # One front per dataset: a point on easier data would otherwise dominate every point on harder data.
+    several = summary["dataset"].nunique(dropna=False) > 1
+    by_dataset = summary.groupby("dataset", sort=True, dropna=False).indices if several else {"": range(len(x))}
+    for i, (dataset, rows) in enumerate(by_dataset.items()):
+        rows = np.asarray(rows)
+        front = rows[pareto_front(x[rows], y[rows])]
+        if len(front) >= 2:
+            label = f"Pareto front · {dataset}" if several else "Pareto front"
+            linestyle = _LINESTYLES[(i + 1) % len(_LINESTYLES)]  # dashed first, as with one front
+            ax.plot(x[front], y[front], color="0.35", linestyle=linestyle, linewidth=1, zorder=0, label=label)
     scale = _set_log_x(ax, x)
     _finish(
         ax,
@@ -403,10 +422,13 @@ def _fig_scaling(
     metric_label, metric_scale, metric_log = SCALING_METRICS[metric]
     frame = runs.assign(final_pct=runs["final_acc"] * 100.0, mb=runs[metric].astype(float) * metric_scale)
     workers = sorted(frame["workers"].dropna().unique())
+    # The colour is the strategy's; line and marker tell its datasets/models apart, as in the curves.
+    tasks: dict[tuple, int] = {}
     for key, group in frame.groupby(line_keys, sort=True, dropna=False):
         key = key if isinstance(key, tuple) else (key,)
         strategy = str(key[0])
         label = " · ".join(str(part) for part in key)
+        task = tasks.setdefault(key[1:], len(tasks))
         stats = group.groupby("workers", sort=True)[["final_pct", "mb"]].agg(["mean", "std"])
         xs = stats.index.to_numpy(float)
         color = styles_by_strategy[strategy]
@@ -417,7 +439,8 @@ def _fig_scaling(
                 stats[(column, "mean")].to_numpy(float),
                 yerr=np.where(np.isnan(std), 0.0, std),
                 color=color,
-                marker="o",
+                linestyle=_LINESTYLES[task % len(_LINESTYLES)],
+                marker=_MARKERS[task % len(_MARKERS)],
                 capsize=3,
                 label=label,
             )
@@ -429,7 +452,9 @@ def _fig_scaling(
         right.set_yscale("log")
         _plain_log_ticks(right.yaxis)
         metric_label = f"{metric_label}, log scale"
-    _finish(left, "Final accuracy vs workers (mean ± std)", "workers", "final test accuracy (%)")
+    # Both panels hold the same lines: a legend too long to sit inside goes once, beside the right one.
+    _finish(left, "Final accuracy vs workers (mean ± std)", "workers", "final test accuracy (%)",
+            legend=_legend_inside(left))
     _finish(right, f"{metric} vs workers (mean ± std)", "workers", metric_label)
     fig.tight_layout()
     return fig

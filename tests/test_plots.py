@@ -192,3 +192,69 @@ def test_mean_curve_interpolates_onto_the_common_range() -> None:
 def test_pareto_front() -> None:
     # (bytes, acc): the second point is dominated by the first (more bytes, lower accuracy).
     assert pareto_front([1.0, 2.0, 3.0, 0.5], [0.8, 0.7, 0.9, 0.6]) == [3, 0, 2]
+
+
+def _two_dataset_cells() -> pd.DataFrame:
+    # On "easy" data both strategies score far above either on "hard" data.
+    return pd.DataFrame({
+        "cell": ["a/easy/mlp/w2", "b/easy/mlp/w2", "a/hard/mlp/w2", "b/hard/mlp/w2"],
+        "strategy": ["a", "b", "a", "b"],
+        "dataset": ["easy", "easy", "hard", "hard"],
+        "model": "mlp",
+        "workers": 2,
+        "bytes_sent_max_worker_mean": [1e6, 4e6, 2e6, 8e6],
+        "bytes_sent_max_worker_std": np.nan,
+        "final_acc_mean": [0.90, 0.95, 0.50, 0.60],
+        "final_acc_std": np.nan,
+        "n_seeds": 1,
+    })
+
+
+def test_each_dataset_of_a_grid_gets_its_own_pareto_front() -> None:
+    from pnnctl.plots import _cell_styles, _fig_pareto
+
+    cells = _two_dataset_cells()
+    fig = _fig_pareto(cells, {cell: cell for cell in cells["cell"]}, _cell_styles(cells))
+    fronts = {line.get_label(): list(line.get_xdata()) for line in fig.axes[0].lines
+              if line.get_label().startswith("Pareto front")}
+    plt.close(fig)
+    # One front over both datasets would be the easy cells alone: every hard cell is dominated by them.
+    assert fronts == {"Pareto front · easy": [1.0, 4.0], "Pareto front · hard": [2.0, 8.0]}
+
+
+def test_scaling_lines_of_one_strategy_on_two_datasets_differ_in_style() -> None:
+    from pnnctl.plots import _fig_scaling
+
+    runs = pd.concat([_two_dataset_cells().assign(workers=w) for w in (2, 4)], ignore_index=True)
+    runs = runs.rename(columns={"final_acc_mean": "final_acc", "bytes_sent_max_worker_mean": "bytes_sent_max_worker"})
+    fig = _fig_scaling(runs, strategy_colors(["a", "b"]))
+    data_lines = {bars.get_label(): bars.lines[0] for bars in fig.axes[0].containers}  # errorbar containers
+    styles = {label: (line.get_color(), line.get_linestyle(), line.get_marker()) for label, line in data_lines.items()}
+    plt.close(fig)
+    assert styles["a · easy"][0] == styles["a · hard"][0]  # the strategy's colour
+    assert styles["a · easy"][1:] != styles["a · hard"][1:]
+    assert styles["a · easy"][1:] == styles["b · easy"][1:]
+
+
+def test_a_long_legend_sits_beside_the_axes_and_one_worker_is_singular() -> None:
+    from pnnctl.plots import _cell_labels, _cell_styles, _fig_pareto
+
+    def cells(n: int) -> pd.DataFrame:
+        workers = list(range(1, n + 1))
+        return pd.DataFrame({
+            "cell": [f"s/d/mlp/w{w}" for w in workers], "strategy": "s", "dataset": "d", "model": "mlp",
+            "workers": workers, "bytes_sent_max_worker_mean": [1e6 * w for w in workers],
+            "bytes_sent_max_worker_std": np.nan, "final_acc_mean": 0.5, "final_acc_std": np.nan, "n_seeds": 1,
+        })
+
+    placed = {}
+    for n in (4, 12):
+        frame = cells(n)
+        labels = _cell_labels(frame)
+        assert labels["s/d/mlp/w1"] == "s · 1 worker" and labels["s/d/mlp/w2"] == "s · 2 workers"
+        fig = _fig_pareto(frame, labels, _cell_styles(frame))
+        fig.canvas.draw()
+        ax = fig.axes[0]
+        placed[n] = ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1
+        plt.close(fig)
+    assert placed == {4: False, 12: True}  # 12 entries inside would cover the points
