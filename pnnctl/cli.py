@@ -283,9 +283,14 @@ def _human_bytes(value: float) -> str:
     return f"{value:.1f} TB"
 
 
+def _command_line() -> str:
+    """This process's command, quoted so that it can be pasted back into a shell."""
+    return " ".join(shlex.quote(a) for a in ["pnnctl", *sys.argv[1:]])
+
+
 def _exit_for_status(status: str, summary: dict[str, Any]) -> None:
     if status == "interrupted":
-        command = " ".join(shlex.quote(a) for a in ["pnnctl", *sys.argv[1:]])
+        command = _command_line()
         if "--resume" not in sys.argv:
             command += " --resume"
         console.print(f"interrupted; resume with: {command}", highlight=False, markup=False, soft_wrap=True)
@@ -353,7 +358,7 @@ def compare(
 
     grid_progress = GridProgress()
     try:
-        outcome = compare_from_cli(config, flags, set_ or [], grid_flags, plots=not no_plots, argv=sys.argv,
+        outcome = compare_from_cli(config, flags, set_ or [], grid_flags, plots=not no_plots, command=_command_line(),
                                    progress_factory=grid_progress, console=console, dry_run=dry_run, loss=loss)
     finally:
         grid_progress.close()
@@ -410,7 +415,7 @@ def plot(
     from pnnctl.network import parse_network
 
     written = report_folder(folder, network=parse_network(network) if network else None,
-                            target_acc=target_acc, command=" ".join(["pnnctl", *sys.argv[1:]]),
+                            target_acc=target_acc, command=_command_line(),
                             scaling_metric=scaling_metric)
     for path in written:
         out_console.print(str(path), highlight=False)

@@ -293,7 +293,7 @@ def compare(
     with grid_lock(folder):
         # Every cell is checked against what its folder holds before anything is written or run.
         states = [_cell_state(config) for config in configs]
-        atomic_write_text(folder / "grid.toml", _grid_toml(layers, grid))
+        atomic_write_text(folder / "grid.toml", _grid_toml(layers, grid, command))
         for index, (config, state) in enumerate(zip(configs, states, strict=True)):
             if on_cell is not None:
                 on_cell(index, len(configs), config, state)
@@ -352,12 +352,17 @@ def report_folder(
     cells = cell_summary(runs)
     figures = plot_folder(folder, network=network, scaling_metric=scaling_metric)
     fastest = fastest_to_target(metrics, target_acc, list(NETWORK_PRESETS.values())) if target_acc else None
+    produced_by, redrawn_by = command, None
+    grid_command = _grid_command(folder)
+    if grid_command and grid_command != command:  # a report redrawn by `pnnctl plot`
+        produced_by, redrawn_by = grid_command, command
     env = _environment(folder)
     if failures:
         env["failed cells"] = "; ".join(f"{f['run_id']} ({f['error']})" for f in failures)
     report = write_report(
         folder,
-        command=command,
+        command=produced_by,
+        redrawn_by=redrawn_by,
         env=env,
         cells=cells,
         figures=figures,
@@ -400,7 +405,17 @@ def _published_numbers(strategies: set[str]) -> dict[str, str]:
     return out
 
 
-def _grid_toml(layers: dict[str, Any], grid: GridSpec) -> str:
+#: grid.toml's first line: the command that wrote the grid, for a report redrawn later by ``pnnctl plot``.
+_PRODUCED_BY = "# produced by: "
+
+
+def _grid_command(folder: Path) -> str | None:
+    path = folder / "grid.toml"
+    first = path.read_text().partition("\n")[0] if path.exists() else ""
+    return first.removeprefix(_PRODUCED_BY) if first.startswith(_PRODUCED_BY) else None
+
+
+def _grid_toml(layers: dict[str, Any], grid: GridSpec, command: str = "") -> str:
     values = {k: v for k, v in layers.items() if k not in ("options",) and not isinstance(v, dict)}
     if layers.get("synthetic"):
         values["synthetic"] = dict(layers["synthetic"])
@@ -415,7 +430,9 @@ def _grid_toml(layers: dict[str, Any], grid: GridSpec) -> str:
         values["compare"]["vary"] = {key: list(vals) for key, vals in grid.vary}
     for strategy, table in layers.get("options", {}).items():
         values[strategy] = table
-    return to_toml(values)
+    # A comment keeps the file loadable as a config; a command spanning lines would not stay one.
+    header = f"{_PRODUCED_BY}{command}\n" if command and "\n" not in command else ""
+    return header + to_toml(values)
 
 
 def compare_from_cli(
@@ -425,7 +442,7 @@ def compare_from_cli(
     grid_flags: dict[str, Any],
     *,
     plots: bool,
-    argv: list[str],
+    command: str,
     progress_factory: Callable[[str], Any],
     console: Any,
     dry_run: bool = False,
@@ -454,7 +471,7 @@ def compare_from_cli(
         layers,
         grid,
         plots=plots,
-        command=" ".join(["pnnctl", *argv[1:]]),
+        command=command,
         progress_factory=progress_factory,
         on_cell=announce,
     )

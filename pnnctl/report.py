@@ -226,14 +226,18 @@ def write_report(
     target_acc: float | None,
     fastest: pd.DataFrame | None,
     published: dict[str, str] | None = None,
+    redrawn_by: str | None = None,
 ) -> Path:
     """Write ``<folder>/report.md`` (atomically) and return its path.
 
-    Figure links are relative to ``folder`` so the report still renders after the folder moves.
+    ``command`` produced the runs; ``redrawn_by``, where given, redrew figures and report from the
+    tables since. Figure links are relative to ``folder`` so the report still renders after the folder moves.
     """
     folder = Path(folder)
     n_runs = int(cells["n_seeds"].sum()) if len(cells) else 0
     lines: list[str] = ["# pnnctl comparison report", "", "Produced by:", "", *_code_block(command), ""]
+    if redrawn_by:
+        lines += ["Figures and report redrawn from its tables by:", "", *_code_block(redrawn_by), ""]
 
     lines += ["## Environment", ""]
     if env:

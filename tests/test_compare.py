@@ -71,6 +71,25 @@ def test_plot_redraws_from_tables_alone_under_another_network(grid: Path, tmp_pa
     assert "wan" in (copy / "report.md").read_text()
 
 
+def test_a_redrawn_report_keeps_the_command_that_produced_the_grid(grid: Path, tmp_path: Path) -> None:
+    import shutil
+
+    from pnnctl.config import load_toml
+
+    copy = tmp_path / "grid"
+    shutil.copytree(grid, copy, ignore=shutil.ignore_patterns("*.pt"))
+    def code_blocks(report: Path) -> list[str]:
+        return [block.removeprefix("sh").strip() for block in report.read_text().split("```")[1::2]]
+
+    produced = code_blocks(grid / "report.md")[0]
+    assert produced.startswith("pnnctl compare --strategies centralized,allreduce,local-sgd")
+    result = run_cli(["plot", str(copy), "--network", "wan"])
+    assert result.returncode == 0, result.stderr
+    # The compare command stays first (it used to be replaced by the plot command), the redraw follows.
+    assert code_blocks(copy / "report.md")[:2] == [produced, f"pnnctl plot {copy} --network wan"]
+    assert load_toml(copy / "grid.toml")["compare"]["seeds"] == 2  # the command is a comment there
+
+
 def test_plot_on_a_single_run_folder(grid: Path) -> None:
     result = run_cli(["plot", str(grid / "runs" / "allreduce-digits-w2-s0")])
     assert result.returncode == 0, result.stderr
