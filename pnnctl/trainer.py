@@ -100,6 +100,8 @@ class LoopState:
     worker_compute_s: float = 0.0
     wall_s: float = 0.0
     next_eval_epoch: float = 0.0
+    evaluated_epoch: float = 0.0
+    widest_eval_gap: float = 0.0
     loss_sum: float = 0.0
     loss_rounds: int = 0
     phase: str = "train"
@@ -269,6 +271,15 @@ def _samples_left(config: RunConfig, spent: dict[str, float], n_train: int, cut_
 def _budget_reached(config: RunConfig, state: LoopState, ledger: Ledger, n_train: int) -> bool:
     spent = _spent(state, ledger)
     return any(spent[kind] >= limit for kind, limit in _limits(config, n_train).items())
+
+
+def _sparse_evaluations(config: RunConfig, widest_gap: float) -> list[str]:
+    """A note where evaluations came more than a quarter further apart than ``--eval-every`` asked."""
+    if widest_gap <= 1.25 * config.eval_every:
+        return []
+    return [f"evaluations came up to {widest_gap:.3g} epochs apart where --eval-every asked for "
+            f"{config.eval_every:g}: the trainer evaluates between rounds, and a round of {config.strategy} "
+            "is a period the strategy fixes (sil: an epoch; local-sgd, ist: local_steps)"]
 
 
 def _budget_overshoot(
@@ -595,11 +606,15 @@ def train(
                 break
             epoch = state.samples / n_train
             done = _budget_reached(config, state, ledger, n_train) or strategy.is_done()
+            evaluating = done or epoch >= state.next_eval_epoch - 1e-9
+            if evaluating:
+                state.widest_eval_gap = max(state.widest_eval_gap, epoch - state.evaluated_epoch)
+                state.evaluated_epoch = epoch
             if done:
                 warnings = _budget_overshoot(
                     config, spent_before, _spent(state, ledger), n_train, strategy.traffic_grows_with_steps
-                )
-            if done or epoch >= state.next_eval_epoch - 1e-9:
+                ) + _sparse_evaluations(config, state.widest_eval_gap)
+            if evaluating:
                 # The next multiple of eval_every after this epoch (a round may cross several).
                 state.next_eval_epoch = (math.floor(epoch / config.eval_every + 1e-9) + 1) * config.eval_every
                 state.wall_s += time.perf_counter() - started

@@ -470,6 +470,24 @@ def test_a_run_of_part_of_an_epoch_stops_there_and_evaluates_on_time(
     assert result.notes == []
 
 
+def test_a_strategy_whose_rounds_outlast_eval_every_says_so_and_one_that_follows_it_does_not(
+    small_config, tmp_path: Path
+) -> None:
+    # sil's rounds are whole epochs: --eval-every 0.5 evaluates once an epoch, which used to pass in silence.
+    sil = train(small_config(strategy="sil", workers=2, epochs=2, eval_every=0.5, optimizer="adam", lr=1e-3,
+                             options={"recovery_epochs": 1}, out=str(tmp_path), run_name="sil"))  # fmt: skip
+    assert [float(r["epoch"]) for r in sil.rows] == [0.0, 1.0, 2.0]
+    assert sil.notes == [
+        "evaluations came up to 1 epochs apart where --eval-every asked for 0.5: the trainer evaluates between "
+        "rounds, and a round of sil is a period the strategy fixes (sil: an epoch; local-sgd, ist: local_steps)"
+    ]
+    assert json.loads((sil.run_dir / "summary.json").read_text())["warnings"] == sil.notes
+    # Rounds left open follow eval_every, to a whole step: no note.
+    allreduce = train(small_config(strategy="allreduce", workers=2, epochs=1, eval_every=0.25, out=str(tmp_path),
+                                   run_name="allreduce"))  # fmt: skip
+    assert len(allreduce.rows) == 5 and allreduce.notes == []
+
+
 def test_a_samples_budget_shortens_default_rounds(small_config, tmp_path: Path) -> None:
     config = small_config(strategy="allreduce", workers=2, batch_size=16, epochs=5, budget="samples=200",
                           checkpoint_every=1000, out=str(tmp_path))  # fmt: skip
@@ -488,7 +506,12 @@ def test_a_fixed_period_is_cut_short_in_the_last_round_and_still_synchronises(
     result = train(config)
     n_train = len(load_dataset("digits").y_train)
     assert [int(r["samples_seen"]) for r in result.rows] == [0, 1280, 1280 + math.ceil((n_train - 1280) / 64) * 64]
-    assert result.notes == []
+    # The period is longer than the 0.5 epochs between evaluations asked for, and the run says so.
+    assert result.notes == [
+        f"evaluations came up to {1280 / n_train:.3g} epochs apart where --eval-every asked for 0.5: the trainer "
+        f"evaluates between rounds, and a round of {strategy} is a period the strategy fixes (sil: an epoch; "
+        "local-sgd, ist: local_steps)"
+    ]
     # Both rounds ended in their synchronisation: the bytes of two whole exchanges.
     first_round_bytes = float(result.rows[1]["bytes_sent_total"])
     assert float(result.rows[2]["bytes_sent_total"]) == pytest.approx(2 * first_round_bytes)
