@@ -91,6 +91,11 @@ class GridSpec:
         )
         if not spec.strategies:
             raise UsageError("strategies", "name at least one strategy")
+        # A value listed twice would make two cells of one run folder.
+        for key, listed in (("strategies", spec.strategies), ("workers", spec.workers), ("datasets", spec.datasets)):
+            repeated = next((value for index, value in enumerate(listed) if value in listed[:index]), None)
+            if repeated is not None:
+                raise UsageError(key, f"lists {repeated} more than once")
         if not spec.workers or any(not isinstance(w, int) or w < 1 for w in spec.workers):
             raise UsageError("workers", f"must be integers >= 1, not {list(spec.workers)}")
         if not isinstance(spec.seeds, int) or spec.seeds < 1:
@@ -200,6 +205,7 @@ def cell_configs(layers: dict[str, Any], grid: GridSpec, folder: Path) -> list[R
     configs = []
     datasets = grid.datasets or (layers.get("dataset", "mnist-small"),)
     for dataset in datasets:
+        labels: dict[str, dict[str, dict[str, Any]]] = {}  # strategy -> variant folder label -> its values
         for strategy in grid.strategies:
             get_strategy(strategy)
             worker_counts = (1,) if get_strategy(strategy).single_worker else grid.workers
@@ -220,6 +226,14 @@ def cell_configs(layers: dict[str, Any], grid: GridSpec, folder: Path) -> list[R
                             ),
                         )
                         configs.append(config_from_dict(values))
+                earlier = labels.setdefault(strategy, {}).get(label)
+                if earlier is not None:  # --vary values that spell one folder name
+                    spelled = [",".join(f"{key}={value}" for key, value in v.items()) for v in (earlier, variant)]
+                    if earlier == variant:
+                        raise UsageError("vary", f"lists {spelled[0]} more than once")
+                    raise UsageError("vary", f"{spelled[0]} and {spelled[1]} would share the run folder "
+                                             f"{configs[-1].run_name}")
+                labels[strategy][label] = variant
     return configs
 
 

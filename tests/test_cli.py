@@ -18,6 +18,7 @@ from strategies import STRATEGIES
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 TINY = ["--dataset", "digits", "--model", "mlp:64-16-10", "--epochs", "0.1", "--device", "cpu"]
+GRID = ["--strategies", "local-sgd", "--datasets", "digits", "--model", "mlp:64-16-10", "--epochs", "0.1"]
 
 
 def idx_file(path: Path, array: np.ndarray) -> None:
@@ -86,6 +87,13 @@ BAD_INPUTS: list[Case] = [
         "error: ",
     ),
     ("list of an unknown section", lambda t, m: ["list", "gpus"], "error: list:"),
+    # A value listed twice in a grid used to make two cells of one run folder (the second then failed).
+    ("a strategy twice in a grid", lambda t, m: ["compare", *GRID, "--strategies", "allreduce,allreduce"],
+     "error: strategies: lists allreduce more than once"),
+    ("a worker count twice in a grid", lambda t, m: ["compare", *GRID, "--workers", "2,4,2"],
+     "error: workers: lists 2 more than once"),
+    ("a --vary value twice", lambda t, m: ["compare", *GRID, "--vary", "local-sgd.local_steps=5,5"],
+     "error: vary: lists local-sgd.local_steps=5 more than once"),
 ]
 
 
@@ -112,7 +120,7 @@ def test_bad_input_exits_2_with_one_error_line(
 ) -> None:  # fmt: skip
     monkeypatch.chdir(tmp_path)
     args = argv(tmp_path, monkeypatch)
-    if args[0] == "train":
+    if args[0] in ("train", "compare"):
         args += ["--out", str(tmp_path / "out")]
     result = cli(*args)
     assert result.code == 2, result.err
