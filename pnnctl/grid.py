@@ -353,17 +353,24 @@ def report_folder(
     failures: list[dict[str, Any]] | None = None,
     scaling_metric: str = "bytes_sent_max_worker",
 ) -> list[Path]:
-    """Figures and report.md for a run or compare folder, from its tables alone."""
+    """Figures, report.md and (for a compare folder) summary.csv from a run or compare folder's tables alone.
+
+    ``network`` re-projects every projected time (table, figures) as if the runs had used it, and
+    ``target_acc`` recomputes the to-target figures; summary.csv is rewritten to agree with the report.
+    """
     from pnnctl.plots import plot_folder
-    from pnnctl.report import write_report
-    from pnnctl.stats import cell_summary, fastest_to_target, load_metrics, run_summaries
+    from pnnctl.report import write_report, write_summary_csv
+    from pnnctl.stats import cell_summary, fastest_to_target, load_metrics, projection_text, reproject, run_summaries
 
     folder = Path(folder)
-    metrics = load_metrics(folder)
+    as_run = load_metrics(folder)
+    metrics = reproject(as_run, network)
     if target_acc is None:
         target_acc = _target_from_folder(folder)
     runs = run_summaries(metrics, target_acc)
     cells = cell_summary(runs)
+    if (folder / "runs").is_dir():
+        write_summary_csv(folder, cells)
     figures = plot_folder(folder, network=network, scaling_metric=scaling_metric)
     fastest = fastest_to_target(metrics, target_acc, list(NETWORK_PRESETS.values())) if target_acc else None
     produced_by, redrawn_by = command, None
@@ -383,6 +390,7 @@ def report_folder(
         target_acc=target_acc,
         fastest=fastest,
         published=_published_numbers(set(metrics["strategy"])),
+        projection=projection_text(as_run, network),
     )
     return [*figures, report]
 

@@ -36,6 +36,7 @@ from pnnctl.stats import (
     default_cell_name,
     load_metrics,
     project_time,
+    projection_text,
     run_summaries,
 )
 
@@ -270,14 +271,9 @@ def _fig_acc_vs_time(
 ) -> Figure:
     fig, ax = plt.subplots(figsize=(7, 4.5))
     _draw_curves(ax, metrics, "time_s", cells, labels, styles)
-    if network is not None:
-        where = f"re-projected on {network.name}"
-    else:
-        names = sorted(str(name) for name in metrics["network"].dropna().unique())
-        where = f"on {names[0]}" if len(names) == 1 else "on each run's own network"
     _finish(
         ax,
-        f"Test accuracy vs projected time {where}",
+        f"Test accuracy vs projected time {projection_text(metrics, network)}",
         "projected time: compute + communication (s)",
         "test accuracy (%)",
     )

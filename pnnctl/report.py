@@ -227,6 +227,7 @@ def write_report(
     fastest: pd.DataFrame | None,
     published: dict[str, str] | None = None,
     redrawn_by: str | None = None,
+    projection: str = "",
 ) -> Path:
     """Write ``<folder>/report.md`` (atomically) and return its path.
 
@@ -253,6 +254,7 @@ def write_report(
         f"{len(cells)} cells, {n_runs} runs. Each figure is the mean ± sample std (ddof=1) over the cell's "
         "seeds; n is the number of seeds behind it. Accuracy is the test accuracy of the last (final) or "
         "best evaluation; data sent is that of the busiest worker."
+        + (f" Projected time (compute per worker + communication) is {projection}." if projection else "")
     )
     lines.append("")
     if target_acc is not None:

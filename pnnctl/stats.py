@@ -316,6 +316,21 @@ def project_time(metrics: pd.DataFrame, network: NetworkModel) -> pd.Series:
     return (compute.astype(float) + seconds).rename("projected_s")
 
 
+def reproject(metrics: pd.DataFrame, network: NetworkModel | None) -> pd.DataFrame:
+    """``metrics`` with ``projected_s`` and ``network`` as if every run had used ``network`` (None: as run)."""
+    if network is None:
+        return metrics
+    return metrics.assign(projected_s=project_time(metrics, network), network=network.name)
+
+
+def projection_text(metrics: pd.DataFrame, network: NetworkModel | None) -> str:
+    """Which network the projected times of ``metrics`` are on, for titles and reports."""
+    if network is not None:
+        return f"re-projected on {network.name}"
+    names = sorted(str(name) for name in metrics["network"].dropna().unique())
+    return f"on {names[0]}" if len(names) == 1 else "on each run's own network"
+
+
 def fastest_to_target(
     runs_metrics: pd.DataFrame, target_acc: float, networks: list[NetworkModel]
 ) -> pd.DataFrame:

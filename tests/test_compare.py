@@ -68,7 +68,22 @@ def test_plot_redraws_from_tables_alone_under_another_network(grid: Path, tmp_pa
     result = run_cli(["plot", str(copy), "--network", "wan", "--target-acc", "0.5"])
     assert result.returncode == 0, result.stderr
     _valid_png(copy / "figures" / "acc_vs_time.png")
-    assert "wan" in (copy / "report.md").read_text()
+    report = (copy / "report.md").read_text()
+    assert "Projected time (compute per worker + communication) is re-projected on wan." in report
+    # The table's projected time is wan's too (it used to stay the runs' lan-1g figure beside wan figures),
+    # and summary.csv says what the report says.
+    from pnnctl.network import NETWORK_PRESETS
+    from pnnctl.stats import project_time
+
+    last = pd.read_csv(copy / "runs" / "local-sgd-digits-w2-s0" / "metrics.csv").iloc[[-1]]
+    on_wan = float(project_time(last, NETWORK_PRESETS["wan"]).iloc[0])
+    assert on_wan > 2 * float(last["projected_s"].iloc[0])
+    cells = pd.read_csv(copy / "summary.csv").set_index("cell")
+    seeds = [float(project_time(pd.read_csv(copy / "runs" / f"local-sgd-digits-w2-s{seed}" / "metrics.csv").iloc[[-1]],
+                                NETWORK_PRESETS["wan"]).iloc[0]) for seed in (0, 1)]  # fmt: skip
+    assert cells.loc["local-sgd/digits/mlp:64-32-10/w2", "projected_s_mean"] == pytest.approx(sum(seeds) / 2)
+    row = next(line for line in report.splitlines() if line.startswith("| local-sgd/digits/mlp:64-32-10/w2 |"))
+    assert f"{sum(seeds) / 2:.3g}" in row
 
 
 def test_a_redrawn_report_keeps_the_command_that_produced_the_grid(grid: Path, tmp_path: Path) -> None:
