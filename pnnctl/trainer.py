@@ -445,6 +445,8 @@ def train(
     notes: list[str] = []
     ckpt = checkpoint_path(run_dir, runtime.rank)
     saved = _agreed_checkpoint(ckpt, shared_comm) if resume else None
+    if resume and saved is None:  # a mistyped --run-name would otherwise start a new run without a word
+        notes.append(f"nothing to resume in {run_dir} (no checkpoint): started a new run")
     if saved is not None:
         check_resumable(saved, config, ckpt)
         strategy.load_state_dict(saved["strategy"])

@@ -3,6 +3,7 @@ SIGINT, divergence, and refusing to overwrite a run."""
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import math
@@ -593,6 +594,16 @@ def test_a_run_extended_on_resume_trains_what_a_fresh_run_of_the_new_budget_does
     assert extended.rows[-1]["test_acc"] == fresh.rows[-1]["test_acc"]
     weights = [load_checkpoint(run.run_dir / "checkpoint.pt")["strategy"]["model"] for run in (extended, fresh)]
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[1])
+
+
+def test_resuming_a_run_that_is_not_there_says_it_started_a_new_one(small_config, tmp_path: Path) -> None:
+    config = small_config(strategy="allreduce", workers=2, epochs=0.5, out=str(tmp_path), run_name="typo")
+    resumed = train(config, resume=True)
+    assert resumed.status == "finished"
+    assert resumed.notes == [f"nothing to resume in {tmp_path / 'typo'} (no checkpoint): started a new run"]
+    fresh = train(dataclasses.replace(config, run_name="fresh"))
+    assert fresh.notes == []
+    assert [r["test_acc"] for r in resumed.rows] == [r["test_acc"] for r in fresh.rows]
 
 
 def test_resuming_with_more_epochs_extends_the_run_and_its_config_file(small_config, tmp_path: Path) -> None:
