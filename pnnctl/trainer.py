@@ -48,7 +48,7 @@ from pnnctl.schema import METRIC_COLUMNS
 from pnnctl.training import evaluate, model_is_finite, precision_context
 from pnnctl.workers import Comm, Ledger, LocalComm, WorkerGroup
 from strategies import get_strategy
-from strategies.base import RoundResult, StrategyContext
+from strategies.base import RoundResult, Strategy, StrategyContext
 
 CHECKPOINT_FORMAT = 2  # 2: allreduce keeps one shared replica per process
 
@@ -273,6 +273,14 @@ def _budget_reached(config: RunConfig, state: LoopState, ledger: Ledger, n_train
     return any(spent[kind] >= limit for kind, limit in _limits(config, n_train).items())
 
 
+def _unused_settings(config: RunConfig, strategy: Strategy) -> list[str]:
+    """A note naming the fields set away from their defaults that the strategy does not read."""
+    fields, why = strategy.unused_settings()
+    defaults = RunConfig()
+    changed = [f"{name}={getattr(config, name)}" for name in fields if getattr(config, name) != getattr(defaults, name)]
+    return [f"{config.strategy} does not use {', '.join(changed)}: {why}"] if changed else []
+
+
 def _sparse_evaluations(config: RunConfig, widest_gap: float) -> list[str]:
     """A note where evaluations came more than a quarter further apart than ``--eval-every`` asked."""
     if widest_gap <= 1.25 * config.eval_every:
@@ -423,6 +431,7 @@ def train(
     group = WorkerGroup(n_workers, ledger, comm)
     ctx = StrategyContext(config, data, group, device, shards, x_train, y_train)
     strategy = strategy_cls(ctx, options)
+    unused = _unused_settings(config, strategy)
 
     problem = ""
     if main:
@@ -613,7 +622,7 @@ def train(
                 state.widest_eval_gap = max(state.widest_eval_gap, epoch - state.evaluated_epoch)
                 state.evaluated_epoch = epoch
             if done:
-                warnings = _budget_overshoot(
+                warnings = unused + _budget_overshoot(
                     config, spent_before, _spent(state, ledger), n_train, strategy.traffic_grows_with_steps
                 ) + _sparse_evaluations(config, state.widest_eval_gap)
             if evaluating:

@@ -135,6 +135,13 @@ class Strategy(ABC):
         """
         return {}
 
+    def unused_settings(self) -> tuple[tuple[str, ...], str]:
+        """Run-config fields this strategy, as configured, does not read, and why; ((), "") where it reads all.
+
+        The trainer says so when such a field is set away from its default (an ``--optimizer adam`` grid
+        would otherwise train consensus with its own update and no word about it)."""
+        return (), ""
+
     def is_done(self) -> bool:
         """True when the strategy has nothing left to train (multi-phase strategies)."""
         return False

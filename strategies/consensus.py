@@ -295,6 +295,11 @@ def dgd_iteration(
 class GraphStrategy(Strategy):
     """Agents on a graph, each with a full copy of the model as one flat vector; subclasses iterate."""
 
+    def unused_settings(self) -> tuple[tuple[str, ...], str]:
+        return ("optimizer", "momentum", "weight_decay"), (
+            f"{self.name}'s update is its own (--lr sets its step; regularise with {self.name}.reg and lam)"
+        )
+
     def __init__(self, ctx: StrategyContext, options: Any) -> None:
         super().__init__(ctx, options)
         config, group = ctx.config, ctx.group

@@ -724,6 +724,12 @@ class PSL(Strategy):
         "PSNet+PSL 45.0% vs PSNet+CE 81.1%). Distribution is not published (ours is inferred)."
     )
 
+    def unused_settings(self) -> tuple[tuple[str, ...], str]:
+        if self.options.optimizer == "config":
+            return (), ""
+        why = f"the master optimizer is psl.optimizer={self.options.optimizer}"
+        return ("optimizer", "momentum", "weight_decay"), why
+
     def __init__(self, ctx: StrategyContext, options: PSLOptions) -> None:
         super().__init__(ctx, options)
         config, group, device = ctx.config, ctx.group, ctx.device

@@ -489,6 +489,31 @@ def test_a_strategy_whose_rounds_outlast_eval_every_says_so_and_one_that_follows
     assert len(allreduce.rows) == 5 and allreduce.notes == []
 
 
+@pytest.mark.parametrize(
+    ("strategy", "options", "expected"),
+    [
+        ("consensus", {}, "consensus does not use optimizer=adam, momentum=0.9: consensus's update is its own "
+                          "(--lr sets its step; regularise with consensus.reg and lam)"),
+        ("dgd", {}, "dgd does not use optimizer=adam, momentum=0.9: dgd's update is its own "
+                    "(--lr sets its step; regularise with dgd.reg and lam)"),
+        ("psl", {"optimizer": "lbfgs"}, "psl does not use optimizer=adam, momentum=0.9: the master optimizer is "
+                                        "psl.optimizer=lbfgs"),
+        ("psl", {}, None),  # psl.optimizer=config runs the run's Adam
+        ("allreduce", {}, None),
+    ],
+)
+def test_an_optimizer_setting_a_strategy_does_not_use_is_noted(
+    small_config, tmp_path: Path, strategy: str, options: dict, expected: str | None
+) -> None:
+    # An --optimizer adam grid trained consensus and dgd with their own updates without a word.
+    config = small_config(strategy=strategy, workers=2, epochs=0.1, optimizer="adam", lr=1e-3, momentum=0.9,
+                          options=options, out=str(tmp_path))  # fmt: skip
+    result = train(config)
+    unused = [note for note in result.notes if "does not use" in note]
+    assert unused == ([expected] if expected else [])
+    assert json.loads((result.run_dir / "summary.json").read_text()).get("warnings", [])[: len(unused)] == unused
+
+
 def test_a_samples_budget_shortens_default_rounds(small_config, tmp_path: Path) -> None:
     config = small_config(strategy="allreduce", workers=2, batch_size=16, epochs=5, budget="samples=200",
                           checkpoint_every=1000, out=str(tmp_path))  # fmt: skip
