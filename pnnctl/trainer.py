@@ -100,8 +100,7 @@ class LoopState:
     worker_compute_s: float = 0.0
     wall_s: float = 0.0
     next_eval_epoch: float = 0.0
-    evaluated_epoch: float = 0.0
-    widest_eval_gap: float = 0.0
+    longest_round: float = 0.0  # epochs
     loss_sum: float = 0.0
     loss_rounds: int = 0
     phase: str = "train"
@@ -281,13 +280,14 @@ def _unused_settings(config: RunConfig, strategy: Strategy) -> list[str]:
     return [f"{config.strategy} does not use {', '.join(changed)}: {why}"] if changed else []
 
 
-def _sparse_evaluations(config: RunConfig, widest_gap: float) -> list[str]:
-    """A note where evaluations came more than a quarter further apart than ``--eval-every`` asked."""
-    if widest_gap <= 1.25 * config.eval_every:
+def _sparse_evaluations(config: RunConfig, longest_round: float) -> list[str]:
+    """A note where a round lasted more than a quarter longer than ``--eval-every``: the trainer evaluates
+    between rounds, so evaluations came further apart than asked."""
+    if longest_round <= 1.25 * config.eval_every:
         return []
-    return [f"evaluations came up to {widest_gap:.3g} epochs apart where --eval-every asked for "
-            f"{config.eval_every:g}: the trainer evaluates between rounds, and a round of {config.strategy} "
-            "is a period the strategy fixes (sil: an epoch; local-sgd, ist: local_steps)"]
+    return [f"rounds of {config.strategy} lasted up to {longest_round:.3g} epochs where --eval-every asked for "
+            f"{config.eval_every:g}: the trainer evaluates between rounds, so evaluations came further apart "
+            "(a round is a period the strategy fixes, such as sil's epochs or local_steps, or a whole step)"]
 
 
 def _budget_overshoot(
@@ -617,15 +617,12 @@ def train(
                 break
             epoch = state.samples / n_train
             done = _budget_reached(config, state, ledger, n_train) or strategy.is_done()
-            evaluating = done or epoch >= state.next_eval_epoch - 1e-9
-            if evaluating:
-                state.widest_eval_gap = max(state.widest_eval_gap, epoch - state.evaluated_epoch)
-                state.evaluated_epoch = epoch
+            state.longest_round = max(state.longest_round, result.samples / n_train)
             if done:
                 warnings = unused + _budget_overshoot(
                     config, spent_before, _spent(state, ledger), n_train, strategy.traffic_grows_with_steps
-                ) + _sparse_evaluations(config, state.widest_eval_gap)
-            if evaluating:
+                ) + _sparse_evaluations(config, state.longest_round)
+            if done or epoch >= state.next_eval_epoch - 1e-9:
                 # The next multiple of eval_every after this epoch (a round may cross several).
                 state.next_eval_epoch = (math.floor(epoch / config.eval_every + 1e-9) + 1) * config.eval_every
                 state.wall_s += time.perf_counter() - started

@@ -479,14 +479,21 @@ def test_a_strategy_whose_rounds_outlast_eval_every_says_so_and_one_that_follows
                              options={"recovery_epochs": 1}, out=str(tmp_path), run_name="sil"))  # fmt: skip
     assert [float(r["epoch"]) for r in sil.rows] == [0.0, 1.0, 2.0]
     assert sil.notes == [
-        "evaluations came up to 1 epochs apart where --eval-every asked for 0.5: the trainer evaluates between "
-        "rounds, and a round of sil is a period the strategy fixes (sil: an epoch; local-sgd, ist: local_steps)"
+        "rounds of sil lasted up to 1 epochs where --eval-every asked for 0.5: the trainer evaluates between "
+        "rounds, so evaluations came further apart (a round is a period the strategy fixes, such as sil's epochs "
+        "or local_steps, or a whole step)"
     ]
     assert json.loads((sil.run_dir / "summary.json").read_text())["warnings"] == sil.notes
     # Rounds left open follow eval_every, to a whole step: no note.
     allreduce = train(small_config(strategy="allreduce", workers=2, epochs=1, eval_every=0.25, out=str(tmp_path),
                                    run_name="allreduce"))  # fmt: skip
     assert len(allreduce.rows) == 5 and allreduce.notes == []
+    # A period shorter than eval_every (0.89 epochs against 1) still lands evaluations up to 1.78 epochs
+    # apart, on the round that crosses each mark: that is not noted.
+    local = train(small_config(strategy="local-sgd", workers=4, batch_size=16, epochs=3, out=str(tmp_path),
+                               run_name="local"))  # fmt: skip
+    epochs = [float(r["epoch"]) for r in local.rows]
+    assert max(b - a for a, b in itertools.pairwise(epochs)) > 1.25 and local.notes == []
 
 
 @pytest.mark.parametrize(
@@ -534,9 +541,9 @@ def test_a_fixed_period_is_cut_short_in_the_last_round_and_still_synchronises(
     assert [int(r["samples_seen"]) for r in result.rows] == [0, 1280, 1280 + math.ceil((n_train - 1280) / 64) * 64]
     # The period is longer than the 0.5 epochs between evaluations asked for, and the run says so.
     assert result.notes == [
-        f"evaluations came up to {1280 / n_train:.3g} epochs apart where --eval-every asked for 0.5: the trainer "
-        f"evaluates between rounds, and a round of {strategy} is a period the strategy fixes (sil: an epoch; "
-        "local-sgd, ist: local_steps)"
+        f"rounds of {strategy} lasted up to {1280 / n_train:.3g} epochs where --eval-every asked for 0.5: the "
+        "trainer evaluates between rounds, so evaluations came further apart (a round is a period the strategy "
+        "fixes, such as sil's epochs or local_steps, or a whole step)"
     ]
     # Both rounds ended in their synchronisation: the bytes of two whole exchanges.
     first_round_bytes = float(result.rows[1]["bytes_sent_total"])
