@@ -617,7 +617,8 @@ def train(
                 break
             epoch = state.samples / n_train
             done = _budget_reached(config, state, ledger, n_train) or strategy.is_done()
-            state.longest_round = max(state.longest_round, result.samples / n_train)
+            if not done:  # the last round ends in an evaluation anyway; how far it ran past is the budget's note
+                state.longest_round = max(state.longest_round, result.samples / n_train)
             if done:
                 warnings = unused + _budget_overshoot(
                     config, spent_before, _spent(state, ledger), n_train, strategy.traffic_grows_with_steps

@@ -494,6 +494,10 @@ def test_a_strategy_whose_rounds_outlast_eval_every_says_so_and_one_that_follows
                                run_name="local"))  # fmt: skip
     epochs = [float(r["epoch"]) for r in local.rows]
     assert max(b - a for a, b in itertools.pairwise(epochs)) > 1.25 and local.notes == []
+    # A run of one long round (32 workers x 32: a step is 0.71 epochs) is the budget's note alone.
+    single = train(small_config(strategy="allreduce", workers=32, epochs=1, out=str(tmp_path), run_name="single"))
+    assert [int(r["samples_seen"]) for r in single.rows] == [0, 2048]
+    assert len(single.notes) == 1 and single.notes[0].startswith("trained 1.42 epochs (2048 samples)")
 
 
 @pytest.mark.parametrize(
