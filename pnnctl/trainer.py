@@ -536,16 +536,20 @@ def train(
         state.loss_sum, state.loss_rounds = 0.0, 0
         return row
 
+    def full_summary() -> dict[str, Any]:
+        """summary.json's content: the rows' summary, each rank's measurements and the run's warnings."""
+        summary = run_summary(rows, config)
+        summary["ranks"] = ranks
+        if warnings:  # kept with the run: a compare prints none of its cells' notes as they go
+            summary["warnings"] = warnings
+        return summary
+
     def emit(row: dict[str, Any]) -> None:
         rows.append(row)
         if main:
             append_csv_row(metrics_path, METRIC_COLUMNS, row)
             fault_point("metrics-append")
-            summary = run_summary(rows, config)
-            summary["ranks"] = ranks
-            if warnings:  # kept with the run: a compare prints none of its cells' notes as they go
-                summary["warnings"] = warnings
-            text = json.dumps(summary, indent=2, default=str) + "\n"
+            text = json.dumps(full_summary(), indent=2, default=str) + "\n"
             atomic_write_text(run_dir / "summary.json", text, fault="summary-write")
         progress.update(float(row["epoch"]), float(row["train_loss"]), float(row["test_acc"]))
 
@@ -643,7 +647,7 @@ def train(
             state.wall_s += time.perf_counter() - started
     progress.finish(status)
     notes.extend(warnings)
-    summary = run_summary(rows, config) if rows else {}
+    summary = full_summary() if rows else {}  # what summary.json holds (an interrupted run adds its signal)
     if status == "interrupted":
         summary["status"] = "interrupted"
         summary["signal"] = signal.Signals(stop.signal).name if stop.signal else "SIGTERM"

@@ -208,6 +208,7 @@ def test_sigint_checkpoints_and_prints_the_resume_command(sigint_run: Interrupte
     assert printed == ["pnnctl", *RESUME_ARGS, "--out", str(sigint_run.out), "--resume"]
     assert sigint_run.interrupted_summary["status"] == "interrupted"
     assert sigint_run.interrupted_summary["signal"] == "SIGINT"
+    assert sigint_run.interrupted_summary["ranks"][0]["peak_memory_bytes"] > 0  # rewritten whole, not without it
 
 
 def test_resuming_after_sigint_gives_the_metrics_of_an_uninterrupted_run(
