@@ -177,17 +177,19 @@ def _env_value(value: object) -> str:
 
 
 def _fastest_rows(fastest: pd.DataFrame) -> list[dict[str, str]]:
-    rows: list[dict[str, str]] = []
+    """One row per cell with its seconds under each network, then the winner rows.
+
+    Cells are rows, networks columns: a grid has a handful of networks and any number of cells, whose
+    names are long (the other way round, the table ran off every screen)."""
     # The winner columns: "fastest", or "fastest on DATASET" for each dataset of the grid.
     winners = [column for column in fastest.columns if str(column).startswith("fastest")]
     cells = [column for column in fastest.columns if column not in winners]
-    for network, values in fastest.iterrows():
-        row = {"network": str(network)}
-        for cell in cells:
-            row[f"{cell} (s)"] = _number(float(values[cell]))
-        for column in winners:
-            row[column] = _NONE if pd.isna(values[column]) else str(values[column])
-        rows.append(row)
+    rows: list[dict[str, str]] = []
+    for cell in cells:
+        rows.append({"cell": str(cell), **{str(net): _number(float(value)) for net, value in fastest[cell].items()}})
+    for column in winners:
+        winner = {str(net): _NONE if pd.isna(value) else str(value) for net, value in fastest[column].items()}
+        rows.append({"cell": f"**{column}**", **winner})
     return rows
 
 
@@ -270,7 +272,7 @@ def write_report(
         target_text = f"{target_acc * 100:.2f}%" if target_acc is not None else "the target accuracy"
         lines += ["## Fastest to target per network", ""]
         lines.append(
-            f"Mean projected seconds to reach {target_text} under each network model, re-projected from the "
+            f"Mean projected seconds to reach {target_text} under each network model (columns), re-projected from the "
             "busiest worker's cumulative messages and bytes (an approximation of the per-round model). "
             "Means are over the seeds that reached the target; — means no seed did."
         )

@@ -132,7 +132,10 @@ def test_report_links_table_and_command(compare: tuple[Path, list[Path]]) -> Non
             assert re.search(
                 rf"^\| {strategy}/mnist/mlp/w{workers} \| {strategy} \| {workers} \|", text, re.M
             )
-    assert "## Fastest to target per network" in text and "| wan |" in text
+    assert "## Fastest to target per network" in text and "| cell | wan | dc-100g |" in text
+    # A row per cell, seconds under each network; the winner row names a cell per network.
+    assert re.search(r"^\| gossip/mnist/mlp/w2 \| [0-9.e+-]+ \| [0-9.e+-]+ \|$", text, re.M)
+    assert re.search(r"^\| \*\*fastest\*\* \| \w+/mnist/mlp/w\d \| \w+/mnist/mlp/w\d \|$", text, re.M)
     assert "## Published numbers" in text and "98.1% on MNIST" in text
     links = re.findall(r"\]\((figures/[^)]+)\)", text)
     assert "figures/acc_vs_epoch.png" in links and "figures/scaling.svg" in links
