@@ -257,14 +257,15 @@ def _spawn_local(config: RunConfig, *, resume: bool, progress: Any) -> Any:
         context = mp.spawn(
             _child, args=(config, resume, port, error_dir, progress), nprocs=config.nproc, join=False
         )
-        # The ranks handle SIGINT themselves (a terminal sends it to the whole process group) and
-        # agree to stop after the round; a SIGTERM sent to this parent alone is passed on to them.
-        previous = {
-            signal.SIGINT: signal.signal(signal.SIGINT, lambda *_: None),
-            signal.SIGTERM: signal.signal(
-                signal.SIGTERM, lambda *_: [os.kill(p.pid, signal.SIGTERM) for p in context.processes if p.is_alive()]
-            ),
-        }
+        # The ranks stop after the round they agree on. A signal sent to this parent alone (kill -INT PID,
+        # a scheduler's SIGTERM) is passed on to them; one sent to the whole process group (Ctrl-C)
+        # reaches them twice, which they take as one request (trainer.SAME_STOP_REQUEST_S).
+        def pass_on(signum: int, _frame: object) -> None:
+            for process in context.processes:
+                if process.is_alive():
+                    os.kill(process.pid, signum)
+
+        previous = {sig: signal.signal(sig, pass_on) for sig in (signal.SIGINT, signal.SIGTERM)}
         try:
             # After a failure, the others get 5 s to stop on their own, then SIGTERM, then SIGKILL.
             while not context.join(grace_period=5):

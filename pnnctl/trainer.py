@@ -107,11 +107,19 @@ class LoopState:
     extras: dict[str, float | str] = field(default_factory=dict)
 
 
+#: Seconds within which a second stop signal is the same request: a signal sent to a ``--nproc`` run's
+#: process group reaches each rank twice, straight and passed on by the parent.
+SAME_STOP_REQUEST_S = 1.0
+
+
 class StopRequest:
-    """SIGINT/SIGTERM set a flag; the loop finishes the current round, checkpoints and stops."""
+    """SIGINT/SIGTERM set a flag; the loop finishes the current round, checkpoints and stops.
+
+    A second signal more than :data:`SAME_STOP_REQUEST_S` after the first stops at once."""
 
     def __init__(self) -> None:
         self.signal: int | None = None
+        self._first_at = 0.0
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopRequest:
@@ -123,9 +131,10 @@ class StopRequest:
         return self
 
     def _handle(self, signum: int, _frame: Any) -> None:
-        if self.signal is not None:  # a second signal: stop now
+        if self.signal is None:
+            self.signal, self._first_at = signum, time.monotonic()
+        elif time.monotonic() - self._first_at > SAME_STOP_REQUEST_S:  # asked again: stop now
             raise KeyboardInterrupt
-        self.signal = signum
 
     def __exit__(self, *_exc: object) -> None:
         for sig, handler in self._previous.items():

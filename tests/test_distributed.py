@@ -150,6 +150,48 @@ def test_ranks_killed_early_resume_to_the_uninterrupted_metrics(point: str, tmp_
     pd.testing.assert_frame_equal(resumed_rows, whole_rows)
 
 
+@pytest.mark.parametrize(
+    ("target", "signum", "code"), [("parent", signal.SIGINT, 130), ("process group", signal.SIGTERM, 143)]
+)
+def test_a_stop_signal_to_an_nproc_run_stops_it_after_a_round_and_resume_matches(
+    target: str, signum: int, code: int, tmp_path: Path
+) -> None:
+    # SIGINT sent to the parent alone (kill -INT PID) was dropped: the run trained on to its end. A signal
+    # sent to the whole process group reaches every rank twice, straight and passed on by the parent,
+    # which must count as one request, not as "asked again: stop now".
+    args = ["train", "--strategy", "local-sgd", "--dataset", "digits", "--model", "mlp:64-32-10", "--workers", "2",
+            "--nproc", "2", "--epochs", "12", "--set", "local-sgd.local_steps=4", "--eval-every", "0.25",
+            "--set", "timeout_s=30"]
+    whole = run_cli([*args, "--out", str(tmp_path / "whole")])
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    metrics = tmp_path / "cut" / "local-sgd-w2-s0" / "metrics.csv"
+    proc = subprocess.Popen([sys.executable, "-m", "pnnctl", *args, "--out", str(tmp_path / "cut")],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    try:
+        deadline = time.time() + 120
+        while not metrics.exists() or metrics.read_text().count("\n") < 4:
+            assert proc.poll() is None, proc.communicate()[1][-2000:]
+            assert time.time() < deadline
+            time.sleep(0.02)
+        if target == "parent":
+            proc.send_signal(signum)
+        else:
+            os.killpg(proc.pid, signum)  # its own session: the group is the parent and its ranks
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    # The signal comes at epoch 0.75 of 12: a run that finished (exit 0) did not stop for it.
+    assert proc.returncode == code, stderr[-2000:]
+    assert "interrupted; resume with: pnnctl train" in stderr and "Traceback" not in stderr
+    resumed = run_cli([*args, "--out", str(tmp_path / "cut"), "--resume"], timeout=120)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    whole_rows = pd.read_csv(tmp_path / "whole" / "local-sgd-w2-s0" / "metrics.csv")
+    pd.testing.assert_frame_equal(deterministic(pd.read_csv(metrics)), deterministic(whole_rows))
+
+
 def test_torchrun_launch_equals_simulation(tmp_path: Path) -> None:
     """The torchrun path: RANK/WORLD_SIZE from the environment, same numbers as one process."""
     args = ["train", "--strategy", "allreduce", "--dataset", "digits", "--model", "mlp:64-32-10", "--workers", "4",
