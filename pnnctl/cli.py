@@ -360,6 +360,12 @@ def compare(
     try:
         outcome = compare_from_cli(config, flags, set_ or [], grid_flags, plots=not no_plots, command=_command_line(),
                                    progress_factory=grid_progress, console=console, dry_run=dry_run, loss=loss)
+    except KeyboardInterrupt as exc:  # a cell stopped for a signal (it checkpointed), or Ctrl-C between cells
+        grid_progress.close()
+        signame = getattr(exc, "signal_name", "SIGINT")
+        console.print(f"interrupted; rerun the same command to continue (finished cells are skipped, a stopped "
+                      f"one resumes): {_command_line()}", highlight=False, markup=False, soft_wrap=True)
+        raise typer.Exit(128 + int(getattr(signal, signame, signal.SIGINT))) from None
     finally:
         grid_progress.close()
     if outcome is None:

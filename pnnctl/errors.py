@@ -17,3 +17,11 @@ class UsageError(ValueError):
 
 class RankFailed(RuntimeError):
     """A rank of a ``--nproc`` run died, hung past the timeout, or raised; the message says how to resume."""
+
+
+class GridInterrupted(KeyboardInterrupt):
+    """A compare cell stopped for a signal (``signal_name``: SIGINT or SIGTERM); the grid stops with it."""
+
+    def __init__(self, signal_name: str) -> None:
+        self.signal_name = signal_name
+        super().__init__(signal_name)

@@ -36,7 +36,7 @@ from pnnctl.config import (
     split_sections,
     to_toml,
 )
-from pnnctl.errors import UsageError
+from pnnctl.errors import GridInterrupted, UsageError
 from pnnctl.io import atomic_write_text
 from pnnctl.network import NETWORK_PRESETS, NetworkModel
 
@@ -322,7 +322,7 @@ def compare(
                 failures.append({"run_id": config.run_id, "error": f"{type(exc).__name__}: {exc}"})
                 continue
             if result is not None and result.status == "interrupted":
-                raise KeyboardInterrupt
+                raise GridInterrupted(str(result.summary.get("signal", "SIGINT")))
             if result is not None:
                 warnings.extend((config.run_id, note) for note in result.notes)
         atomic_write_text(folder / "failures.json", json.dumps(failures, indent=2) + "\n")

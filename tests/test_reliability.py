@@ -257,3 +257,36 @@ def test_sigterm_checkpoints_exits_143_and_resumes_to_identical_metrics(tmp_path
     resumed = run_cli([*RUN, "--out", str(tmp_path), "--resume"])
     assert resumed.returncode == 0, resumed.stderr
     pd.testing.assert_frame_equal(deterministic(pd.read_csv(metrics)), deterministic(uninterrupted))
+
+
+@pytest.mark.parametrize(("signum", "code"), [(2, 130), (15, 143)])  # SIGINT, SIGTERM
+def test_a_signal_during_a_compare_cell_stops_the_grid_with_the_rerun_command(
+    signum: int, code: int, tmp_path: Path
+) -> None:
+    # The cell checkpointed and the grid stopped with exit 130 for either signal and not a word on how
+    # to go on; a rerun of the same command resumes the cell.
+    import subprocess
+    import sys
+    import time
+
+    args = ["compare", "--strategies", "allreduce", "--workers", "2", "--datasets", "digits", "--model",
+            "mlp:64-32-10", "--epochs", "12", "--eval-every", "0.25", "--no-plots", "--out", str(tmp_path)]
+    proc = subprocess.Popen([sys.executable, "-m", "pnnctl", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # fmt: skip
+    metrics = tmp_path / "compare" / "runs" / "allreduce-digits-w2-s0" / "metrics.csv"
+    deadline = time.time() + 60
+    while not metrics.exists() or metrics.read_text().count("\n") < 4:
+        assert proc.poll() is None, proc.communicate()[1]
+        assert time.time() < deadline
+        time.sleep(0.02)
+    proc.send_signal(signum)
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == code, stderr[-2000:]  # at epoch 0.75 of 12: finishing would mean it was ignored
+    assert f"interrupted; rerun the same command to continue (finished cells are skipped, a stopped one " \
+           f"resumes): pnnctl {' '.join(args)}" in " ".join(stderr.split()), stderr[-2000:]
+    assert "Traceback" not in stderr
+    rerun = run_cli(args)
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    rows = pd.read_csv(metrics)
+    assert rows["status"].iloc[-1] == "finished" and rows["epoch"].iloc[-1] >= 12 - 1e-6
+    assert rows["round"].is_unique and rows["round"].is_monotonic_increasing
