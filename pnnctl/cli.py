@@ -335,7 +335,9 @@ def compare(
     eval_every: EvalOpt = None,
     nproc: NprocOpt = None,
     loss: LossOpt = None,
-    no_plots: Annotated[bool, typer.Option("--no-plots", help="skip figures")] = False,
+    no_plots: Annotated[
+        bool, typer.Option("--no-plots", help="skip figures (report.md and summary.csv are still written)")
+    ] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="list the grid's runs and stop")] = False,
     fmt: Annotated[str, typer.Option("--format", help="table | json")] = "table",
 ) -> None:

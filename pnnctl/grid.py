@@ -328,8 +328,7 @@ def compare(
         atomic_write_text(folder / "failures.json", json.dumps(failures, indent=2) + "\n")
         target = layers.get("target_acc") or None
         metrics, runs, cells = _tables(folder, target)
-        if plots:
-            report_folder(folder, target_acc=target, command=command, failures=failures)
+        report_folder(folder, target_acc=target, command=command, failures=failures, draw=plots)
     return CompareOutcome(folder, metrics, runs, cells, failures, warnings=warnings)
 
 
@@ -352,8 +351,10 @@ def report_folder(
     command: str = "",
     failures: list[dict[str, Any]] | None = None,
     scaling_metric: str = "bytes_sent_max_worker",
+    draw: bool = True,
 ) -> list[Path]:
-    """Figures, report.md and (for a compare folder) summary.csv from a run or compare folder's tables alone.
+    """Figures (unless not ``draw``), report.md and (for a compare folder) summary.csv from a run or compare
+    folder's tables alone.
 
     ``network`` re-projects every projected time (table, figures) as if the runs had used it, and
     ``target_acc`` recomputes the to-target figures; summary.csv is rewritten to agree with the report.
@@ -371,7 +372,7 @@ def report_folder(
     cells = cell_summary(runs)
     if (folder / "runs").is_dir():
         write_summary_csv(folder, cells)
-    figures = plot_folder(folder, network=network, scaling_metric=scaling_metric)
+    figures = plot_folder(folder, network=network, scaling_metric=scaling_metric) if draw else []
     fastest = fastest_to_target(metrics, target_acc, list(NETWORK_PRESETS.values())) if target_acc else None
     produced_by, redrawn_by = command, None
     grid_command = _grid_command(folder)

@@ -186,6 +186,11 @@ def test_a_grid_over_two_datasets_names_each_rows_dataset(
     assert [row[:3] for row in rows] == [["allreduce", "digits", "2"], ["allreduce", "synthetic", "2"]]
     for row in rows:
         assert row[3] == f"{100 * summary.loc[row[1], 'final_acc_mean']:.2f} (n=1)"
+    # --no-plots skips the figures, not the report the console points to (it used to name a missing file).
+    report = tmp_path / "compare" / "report.md"
+    assert f"report: {report}" in " ".join(result.err.split())
+    assert "| allreduce/synthetic/mlp/w2 |" in report.read_text() and "## Figures" not in report.read_text()
+    assert not (tmp_path / "compare" / "figures").exists()
 
 
 def test_the_python_api_compare_is_not_shadowed_by_a_module() -> None:
