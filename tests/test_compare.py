@@ -193,6 +193,21 @@ def test_a_grid_over_two_datasets_names_each_rows_dataset(
     assert not (tmp_path / "compare" / "figures").exists()
 
 
+def test_the_console_table_says_which_cells_diverged(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pnnctl.cli
+
+    monkeypatch.setattr(pnnctl.cli.out_console, "_width", 250)
+    result = cli("compare", "--strategies", "allreduce", "--workers", "2", "--datasets", "digits", "--epochs", "0.5",
+                 "--model", "mlp:64-16-10", "--vary", "lr=[0.1, 1e8]", "--no-plots", "--out", tmp_path)  # fmt: skip
+    assert result.code == 0, result.err
+    rows = [[c.strip() for c in line.split("│")[1:-1]] for line in result.out.splitlines() if line.startswith("│")]
+    # The diverged cell's final accuracy is "—"; without the statuses nothing said why.
+    assert [(row[1], row[3], row[-1]) for row in rows] == [
+        ("lr=0.1", rows[0][3], "finished:1"), ("lr=100000000.0", "— (n=1)", "diverged:1")
+    ]
+    assert rows[0][3] != "— (n=1)"
+
+
 def test_the_python_api_compare_is_not_shadowed_by_a_module() -> None:
     import importlib
 
