@@ -423,7 +423,7 @@ def plot(
         str, typer.Option("--scaling-metric", help="per-run figure the scaling plot shows against workers")
     ] = "bytes_sent_max_worker",
 ) -> None:
-    """Draw figures (PNG and SVG) and report.md from a results folder's tables alone."""
+    """Draw figures (PNG and SVG), report.md and a grid's summary.csv from a results folder's tables alone."""
     from pnnctl.grid import report_folder
     from pnnctl.network import parse_network
 
