@@ -407,11 +407,15 @@ def compare(
             for row in rows:
                 table.add_row(*row.values())
             out_console.print(table)
-        for failure in outcome.failures:
-            console.print(f"cell failed: {failure['run_id']}: {failure['error']}", highlight=False)
         for run_id, warning in outcome.warnings:
             console.print(f"warning: {run_id}: {warning}", highlight=False, soft_wrap=True)
         console.print(f"report: {outcome.folder / 'report.md'}", highlight=False)
+    for failure in outcome.failures:
+        console.print(f"cell failed: {failure['run_id']}: {failure['error']}", highlight=False, soft_wrap=True)
+    if outcome.failures:  # the other cells ran and are reported; a script must still learn of it
+        console.print(f"{len(outcome.failures)} cell(s) failed (listed in {outcome.folder / 'failures.json'}); "
+                      "rerun the same command once fixed", highlight=False, soft_wrap=True)
+        raise typer.Exit(1)
 
 
 @app.command()
