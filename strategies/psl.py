@@ -825,12 +825,14 @@ class PSL(Strategy):
     def _check_workers(self, n_classes: int, n_workers: int) -> None:
         options = self.options
         if options.loss == "ce" or options.placement == "class":
-            if n_workers > n_classes:
-                why = "cross-entropy has one element per class" if options.loss == "ce" else "placement=class"
-                raise UsageError("workers", f"psl with {why} takes at most {n_classes} workers, not {n_workers}")
-        elif n_workers > n_classes * (n_classes - 1) // 2:
-            pairs = n_classes * (n_classes - 1) // 2
-            raise UsageError("workers", f"psl with placement=pairs takes at most {pairs} workers (class pairs)")
+            why = "cross-entropy has one element per class" if options.loss == "ce" else "placement=class"
+            most = n_classes
+        else:
+            why, most = "placement=pairs (one or more class pairs each)", n_classes * (n_classes - 1) // 2
+        if n_workers > most:
+            raise UsageError(
+                "workers", f"psl with {why} takes at most {most} worker{'s' if most != 1 else ''}, not {n_workers}"
+            )
 
     # -- the workers ------------------------------------------------------------------------------
 

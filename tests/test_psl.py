@@ -355,6 +355,13 @@ def test_bad_settings_give_errors_that_name_the_field(fields: dict, field_name: 
     assert str(error.value).startswith(field_name + ":")
 
 
+def test_too_many_workers_names_the_bound_and_the_request(small_config, build_strategy) -> None:
+    with pytest.raises(UsageError) as error:
+        build_strategy(psl_config(small_config, workers=46))
+    assert str(error.value) == ("workers: psl with placement=pairs (one or more class pairs each) takes at most "
+                                "45 workers, not 46")
+
+
 @pytest.mark.distributed
 def test_two_process_run_equals_simulation(tmp_path: Path) -> None:
     # plbfgs exercises everything the master replicates across ranks (the trust region, the
