@@ -412,8 +412,13 @@ def resolve_config(
     flags: Mapping[str, Any] | None = None,
     assignments: list[str] | None = None,
 ) -> RunConfig:
-    """Defaults < TOML file < flags < ``--set``; then validate."""
+    """Defaults < TOML file < flags < ``--set``; then validate.
+
+    A file's ``[compare]`` table (an experiment file, a grid's grid.toml) is the grid's, not the run's:
+    one run of an experiment is ``--config FILE --strategy NAME``, so it is left out here."""
     file_values = load_toml(config_file) if config_file else None
+    if file_values:
+        file_values.pop("compare", None)
     return config_from_dict(resolve_layers(file_values, flags, assignments, str(config_file)))
 
 

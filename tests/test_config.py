@@ -7,6 +7,7 @@ import contextlib
 import dataclasses
 import math
 import string
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -167,6 +168,21 @@ def test_a_huge_integer_for_a_float_field_is_a_usage_error() -> None:
 
 
 # -- config.toml round trips ---------------------------------------------------------------------
+
+
+def test_train_takes_one_run_of_an_experiment_file_and_leaves_its_compare_table(tmp_path: Path) -> None:
+    # Every file in pnnctl/experiments/ has a [compare] table; train used to refuse the whole file over it.
+    experiments = sorted((Path(__file__).resolve().parents[1] / "pnnctl" / "experiments").glob("*.toml"))
+    assert experiments
+    for path in experiments:
+        config = resolve_config(path, {"strategy": "allreduce"}, [])
+        file_values = tomllib.loads(path.read_text())
+        assert "compare" in file_values and config.strategy == "allreduce"
+        assert config.model == file_values.get("model", RunConfig().model)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[compare]\nstrategies = ['allreduce']\n[comparison]\nx = 1\n")
+    with pytest.raises(UsageError, match=r"^comparison: unknown field"):
+        resolve_config(bad, {}, [])  # other unknown tables are still errors
 
 
 def test_config_toml_in_the_run_folder_reloads_to_the_same_config(tmp_path: Path) -> None:
