@@ -661,3 +661,15 @@ def test_a_finished_run_resumed_with_a_smaller_budget_trains_no_further(small_co
         return [(int(r["round"]), int(r["samples_seen"])) for r in rows]
 
     assert progress(again.rows) == progress(done.rows)  # it used to train another round before checking
+
+
+def test_a_second_stop_signal_stops_at_once_unless_it_is_the_same_request() -> None:
+    from pnnctl.trainer import SAME_STOP_REQUEST_S, StopRequest
+
+    stop = StopRequest()
+    stop._handle(signal.SIGTERM, None)
+    stop._handle(signal.SIGINT, None)  # at once: the same request reaching this rank a second way
+    assert stop.signal == signal.SIGTERM
+    stop._first_at -= SAME_STOP_REQUEST_S + 0.1  # asked again later: the user wants out now
+    with pytest.raises(KeyboardInterrupt):
+        stop._handle(signal.SIGINT, None)
