@@ -288,6 +288,18 @@ def _command_line() -> str:
     return " ".join(shlex.quote(a) for a in ["pnnctl", *sys.argv[1:]])
 
 
+def _seeds_together(warnings: list[tuple[str, str]]) -> list[tuple[str, str]]:
+    """One line per warning text and cell: the seeds of a cell that warned alike as ``NAME-s0,1,2``."""
+    seeds: dict[tuple[str, str], list[str]] = {}
+    for run_id, warning in warnings:
+        cell, _, seed = run_id.rpartition("-s")
+        if not cell or not seed.isdigit():
+            cell, seed = run_id, ""
+        seeds.setdefault((cell, warning), []).append(seed)
+    return [(f"{cell}-s{','.join(found)}" if found != [""] else cell, warning)
+            for (cell, warning), found in seeds.items()]
+
+
 def _exit_for_status(status: str, summary: dict[str, Any]) -> None:
     if status == "interrupted":
         command = _command_line()
@@ -407,8 +419,8 @@ def compare(
             for row in rows:
                 table.add_row(*row.values())
             out_console.print(table)
-        for run_id, warning in outcome.warnings:
-            console.print(f"warning: {run_id}: {warning}", highlight=False, soft_wrap=True)
+        for runs, warning in _seeds_together(outcome.warnings):
+            console.print(f"warning: {runs}: {warning}", highlight=False, soft_wrap=True)
         console.print(f"report: {outcome.folder / 'report.md'}", highlight=False)
     for failure in outcome.failures:
         console.print(f"cell failed: {failure['run_id']}: {failure['error']}", highlight=False, soft_wrap=True)

@@ -233,3 +233,16 @@ def test_precision_flag_reaches_the_run_config_and_refuses_what_it_does_not_know
     assert run.code == 0, run.err
     config = tmp_path / "compare" / "runs" / "centralized-digits-w1-s0" / "config.toml"
     assert 'precision = "bf16"' in config.read_text()
+
+
+def test_a_grids_warnings_are_printed_once_per_cell_with_the_seeds_that_gave_them() -> None:
+    from pnnctl.cli import _seeds_together
+
+    warnings = [("local-sgd-digits-w2-s0", "long rounds"), ("local-sgd-digits-w2-s1", "long rounds"),
+                ("local-sgd-digits-w2-s2", "over budget"), ("local-sgd-digits-w4-s0", "long rounds"),
+                ("local-sgd-digits-w2-local_steps=5-s3", "long rounds"), ("notebook-run", "long rounds")]  # fmt: skip
+    assert _seeds_together(warnings) == [
+        ("local-sgd-digits-w2-s0,1", "long rounds"), ("local-sgd-digits-w2-s2", "over budget"),
+        ("local-sgd-digits-w4-s0", "long rounds"), ("local-sgd-digits-w2-local_steps=5-s3", "long rounds"),
+        ("notebook-run", "long rounds"),
+    ]
