@@ -333,14 +333,12 @@ def compare(
 
 
 def _tables(folder: Path, target_acc: float | None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    from pnnctl.report import write_summary_csv
+    """The grid's metrics rows, run summaries and cell summaries (report_folder writes summary.csv)."""
     from pnnctl.stats import cell_summary, load_metrics, run_summaries
 
     metrics = load_metrics(folder)
     runs = run_summaries(metrics, target_acc)
-    cells = cell_summary(runs)
-    write_summary_csv(folder, cells)
-    return metrics, runs, cells
+    return metrics, runs, cell_summary(runs)
 
 
 def report_folder(
