@@ -441,6 +441,8 @@ def train(
     ctx = StrategyContext(config, data, group, device, shards, x_train, y_train)
     strategy = strategy_cls(ctx, options)
     unused = _unused_settings(config, strategy)
+    if comm is None and config.backend != RunConfig.backend:
+        unused.append(f"backend={config.backend} has no effect on a simulated run (it is for --nproc or torchrun)")
 
     problem = ""
     if main:

@@ -526,6 +526,11 @@ def test_an_optimizer_setting_a_strategy_does_not_use_is_noted(
     assert json.loads((result.run_dir / "summary.json").read_text()).get("warnings", [])[: len(unused)] == unused
 
 
+def test_a_backend_on_a_simulated_run_is_noted(small_config, tmp_path: Path) -> None:
+    result = train(small_config(strategy="allreduce", workers=2, epochs=0.5, backend="gloo", out=str(tmp_path)))
+    assert result.notes == ["backend=gloo has no effect on a simulated run (it is for --nproc or torchrun)"]
+
+
 def test_a_samples_budget_shortens_default_rounds(small_config, tmp_path: Path) -> None:
     config = small_config(strategy="allreduce", workers=2, batch_size=16, epochs=5, budget="samples=200",
                           checkpoint_every=1000, out=str(tmp_path))  # fmt: skip
