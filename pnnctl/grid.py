@@ -328,7 +328,7 @@ def compare(
         atomic_write_text(folder / "failures.json", json.dumps(failures, indent=2) + "\n")
         target = layers.get("target_acc") or None
         metrics, runs, cells = _tables(folder, target)
-        report_folder(folder, target_acc=target, command=command, failures=failures, draw=plots)
+        report_folder(folder, target_acc=target, command=command, failures=failures, draw=plots, metrics=metrics)
     return CompareOutcome(folder, metrics, runs, cells, failures, warnings=warnings)
 
 
@@ -350,28 +350,29 @@ def report_folder(
     failures: list[dict[str, Any]] | None = None,
     scaling_metric: str = "bytes_sent_max_worker",
     draw: bool = True,
+    metrics: pd.DataFrame | None = None,
 ) -> list[Path]:
     """Figures (unless not ``draw``), report.md and (for a compare folder) summary.csv from a run or compare
     folder's tables alone.
 
     ``network`` re-projects every projected time (table, figures) as if the runs had used it, and
     ``target_acc`` recomputes the to-target figures; summary.csv is rewritten to agree with the report.
+    ``metrics``: the folder's rows where the caller has read them already (compare), so they are read once.
     """
     from pnnctl.plots import plot_folder
     from pnnctl.report import write_report, write_summary_csv
     from pnnctl.stats import cell_summary, fastest_to_target, load_metrics, projection_text, reproject, run_summaries
 
     folder = Path(folder)
-    as_run = load_metrics(folder)
-    metrics = reproject(as_run, network)
+    as_run = load_metrics(folder) if metrics is None else metrics
+    reprojected = reproject(as_run, network)
     if target_acc is None:
         target_acc = _target_from_folder(folder)
-    runs = run_summaries(metrics, target_acc)
-    cells = cell_summary(runs)
+    cells = cell_summary(run_summaries(reprojected, target_acc))
     if (folder / "runs").is_dir():
         write_summary_csv(folder, cells)
-    figures = plot_folder(folder, network=network, scaling_metric=scaling_metric) if draw else []
-    fastest = fastest_to_target(metrics, target_acc, list(NETWORK_PRESETS.values())) if target_acc else None
+    figures = plot_folder(folder, network=network, scaling_metric=scaling_metric, metrics=as_run) if draw else []
+    fastest = fastest_to_target(as_run, target_acc, list(NETWORK_PRESETS.values())) if target_acc else None
     produced_by, redrawn_by = command, None
     grid_command = _grid_command(folder)
     if grid_command and grid_command != command:  # a report redrawn by `pnnctl plot`
@@ -388,7 +389,7 @@ def report_folder(
         figures=figures,
         target_acc=target_acc,
         fastest=fastest,
-        published=_published_numbers(set(metrics["strategy"])),
+        published=_published_numbers(set(as_run["strategy"])),
         projection=projection_text(as_run, network),
     )
     return [*figures, report]

@@ -35,8 +35,8 @@ from pnnctl.stats import (
     cell_summary,
     default_cell_name,
     load_metrics,
-    project_time,
     projection_text,
+    reproject,
     run_summaries,
 )
 
@@ -487,19 +487,23 @@ def plot_folder(
     formats: tuple[str, ...] = ("png", "svg"),
     network: NetworkModel | None = None,
     scaling_metric: str = "bytes_sent_max_worker",
+    metrics: pd.DataFrame | None = None,
 ) -> list[Path]:
     """Draw every figure of a run or compare folder into ``<folder>/figures/``; returns the written paths.
 
-    The time axis uses the runs' own ``projected_s`` unless ``network`` is given, in which case
-    time is re-projected with :func:`pnnctl.stats.project_time`. ``scaling`` is drawn only when
-    the folder has more than one worker count (a stale one from an earlier call is removed so the
-    folder never shows figures of other data).
+    ``metrics``: the folder's rows as :func:`pnnctl.stats.load_metrics` reads them, where the caller
+    has them already (read from the folder otherwise). The time axis uses the runs' own
+    ``projected_s`` unless ``network`` is given, in which case time is re-projected with
+    :func:`pnnctl.stats.reproject`. ``scaling`` is drawn only when the folder has more than one
+    worker count (a stale one from an earlier call is removed so the folder never shows figures of
+    other data).
     """
     folder = Path(folder)
     formats = _check_formats(formats)
     if scaling_metric not in SCALING_METRICS:
         raise UsageError("scaling_metric", f"must be one of {', '.join(SCALING_METRICS)}, not {scaling_metric!r}")
-    metrics = load_metrics(folder)
+    if metrics is None:
+        metrics = load_metrics(folder)
     if metrics.empty:
         raise UsageError(
             "folder", f"{folder} has no evaluation rows yet; plot again once a run has evaluated"
@@ -507,7 +511,7 @@ def plot_folder(
     metrics = metrics.copy()
     metrics["cell"] = cell_names(metrics)
     metrics["mb_sent_max_worker"] = metrics["bytes_sent_max_worker"] / _MB
-    metrics["time_s"] = metrics["projected_s"] if network is None else project_time(metrics, network)
+    metrics["time_s"] = reproject(metrics, network)["projected_s"]
 
     runs = run_summaries(metrics, None)
     summary = cell_summary(runs)

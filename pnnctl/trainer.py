@@ -281,12 +281,16 @@ def _budget_reached(config: RunConfig, state: LoopState, ledger: Ledger, n_train
     return any(spent[kind] >= limit for kind, limit in _limits(config, n_train).items())
 
 
-def _unused_settings(config: RunConfig, strategy: Strategy) -> list[str]:
-    """A note naming the fields set away from their defaults that the strategy does not read."""
-    fields, why = strategy.unused_settings()
+def _unused_settings(config: RunConfig, strategy: Strategy, simulated: bool) -> list[str]:
+    """Notes naming the fields set away from their defaults that this run does not read: those the strategy
+    says it ignores, and the backend of a run simulated in one process."""
     defaults = RunConfig()
+    fields, why = strategy.unused_settings()
     changed = [f"{name}={getattr(config, name)}" for name in fields if getattr(config, name) != getattr(defaults, name)]
-    return [f"{config.strategy} does not use {', '.join(changed)}: {why}"] if changed else []
+    notes = [f"{config.strategy} does not use {', '.join(changed)}: {why}"] if changed else []
+    if simulated and config.backend != defaults.backend:
+        notes.append(f"backend={config.backend} has no effect on a simulated run (it is for --nproc or torchrun)")
+    return notes
 
 
 def _sparse_evaluations(config: RunConfig, longest_round: float) -> list[str]:
@@ -440,9 +444,7 @@ def train(
     group = WorkerGroup(n_workers, ledger, comm)
     ctx = StrategyContext(config, data, group, device, shards, x_train, y_train)
     strategy = strategy_cls(ctx, options)
-    unused = _unused_settings(config, strategy)
-    if comm is None and config.backend != RunConfig.backend:
-        unused.append(f"backend={config.backend} has no effect on a simulated run (it is for --nproc or torchrun)")
+    unused = _unused_settings(config, strategy, simulated=comm is None)
 
     problem = ""
     if main:
