@@ -287,6 +287,24 @@ def _cell_state(config: RunConfig) -> str:
     return "new"
 
 
+def _check_cells(configs: list[RunConfig], states: list[str]) -> None:
+    """Refuse the grid if a cell still to run would be refused by its strategy for this data or model
+    (psl's worker bound from the class count, ist's units per worker, sil's cuts), before any cell runs:
+    the grid would otherwise train the other cells first and only then record that one as failed."""
+    from pnnctl.trainer import check_run
+
+    checked: set[tuple[str, str, int, str]] = set()
+    for config, state in zip(configs, states, strict=True):
+        cell = (config.strategy, config.dataset, config.workers, config.variant)  # seeds share their checks
+        if state == "done" or cell in checked:
+            continue
+        checked.add(cell)
+        try:
+            check_run(config)
+        except UsageError as exc:
+            raise UsageError(exc.field, f"{exc.problem} (cell {config.run_id.rsplit('-s', 1)[0]})") from None
+
+
 def compare(
     layers: dict[str, Any],
     grid: GridSpec,
@@ -307,6 +325,7 @@ def compare(
     with grid_lock(folder):
         # Every cell is checked against what its folder holds before anything is written or run.
         states = [_cell_state(config) for config in configs]
+        _check_cells(configs, states)
         atomic_write_text(folder / "grid.toml", _grid_toml(layers, grid, command))
         for index, (config, state) in enumerate(zip(configs, states, strict=True)):
             if on_cell is not None:
@@ -478,8 +497,11 @@ def compare_from_cli(
     layers = resolve_layers(file_values, flags, assignments, str(config_file))
     if dry_run:
         folder = Path(layers.get("out", "results")) / grid.name
-        for config in cell_configs(layers, grid, folder):
-            console.print(f"{Path(config.out) / config.run_id}  [{_cell_state(config)}]", highlight=False, markup=False)
+        configs = cell_configs(layers, grid, folder)
+        states = [_cell_state(config) for config in configs]
+        _check_cells(configs, states)
+        for config, state in zip(configs, states, strict=True):
+            console.print(f"{Path(config.out) / config.run_id}  [{state}]", highlight=False, markup=False)
         return None
 
     def announce(index: int, total: int, config: RunConfig, state: str) -> None:

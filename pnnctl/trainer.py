@@ -404,6 +404,33 @@ def prepare_data(config: RunConfig, device: torch.device) -> tuple[Dataset, torc
     return data, data.x_train.to(device), data.y_train.to(device)
 
 
+def _check_precision(config: RunConfig, device: torch.device) -> None:
+    if config.precision == "tf32" and device.type != "cuda":
+        raise UsageError("precision", f"tf32 needs a CUDA device; use fp32 or bf16 on {device}")
+
+
+def check_run(config: RunConfig) -> None:
+    """Raise the UsageError a run of ``config`` would start with (device, precision, data, or a model or
+    worker count its strategy cannot take) without touching its run folder.
+
+    The strategy is built simulated on the CPU: its checks are the same on every device and process count,
+    and a grid's parent process should not take GPU memory its runs need.
+    """
+    _check_precision(config, resolve_device(config.device, 0, config.nproc))
+    build_strategy(config, torch.device("cpu"))
+
+
+def build_strategy(config: RunConfig, device: torch.device, comm: Comm | None = None) -> Strategy:
+    """The run's strategy on its data shards, worker group and ledger (reached through ``strategy.ctx``);
+    a setting the strategy cannot take for this data or model raises a UsageError here."""
+    data, x_train, y_train = prepare_data(config, device)
+    n_workers = config.effective_workers
+    shards = shard_indices(data.y_train, n_workers, config.sharding, config.seed)
+    group = WorkerGroup(n_workers, Ledger(n_workers, parse_network(config.network)), comm)
+    ctx = StrategyContext(config, data, group, device, shards, x_train, y_train)
+    return get_strategy(config.strategy)(ctx, config.strategy_options())
+
+
 def train(
     config: RunConfig,
     *,
@@ -419,13 +446,10 @@ def train(
     if device.type == "cpu":
         keep_freed_cpu_memory()
     reset_peak_memory(device)
-    if config.precision == "tf32" and device.type != "cuda":
-        raise UsageError("precision", f"tf32 needs a CUDA device; use fp32 or bf16 on {device}")
+    _check_precision(config, device)
     # Every round runs under the run's precision (bf16: autocast), so strategies need no precision
     # code of their own; evaluations run in fp32 (tf32 in a tf32 run).
     eval_precision = "tf32" if config.precision == "tf32" else "fp32"
-    strategy_cls = get_strategy(config.strategy)
-    options = config.strategy_options()
     n_workers = config.effective_workers
     if comm is not None and n_workers < comm.world_size:
         msg = f"{n_workers} workers cannot fill {comm.world_size} processes; use --workers >= --nproc"
@@ -437,13 +461,9 @@ def train(
     shared_comm = comm or LocalComm()
 
     # The strategy is built before the run folder is touched: a config it refuses leaves nothing behind.
-    data, x_train, y_train = prepare_data(config, device)
-    shards = shard_indices(data.y_train, n_workers, config.sharding, config.seed)
-    network = parse_network(config.network)
-    ledger = Ledger(n_workers, network)
-    group = WorkerGroup(n_workers, ledger, comm)
-    ctx = StrategyContext(config, data, group, device, shards, x_train, y_train)
-    strategy = strategy_cls(ctx, options)
+    strategy = build_strategy(config, device, comm)
+    ctx, group = strategy.ctx, strategy.ctx.group
+    data, shards, y_train, ledger = ctx.data, ctx.shards, ctx.y_train, group.ledger
     unused = _unused_settings(config, strategy, simulated=comm is None)
 
     problem = ""
@@ -540,7 +560,7 @@ def train(
             "params_max_worker": footprint.params,
             "memory_max_worker_bytes": footprint.memory_bytes,
             "projected_s": round(state.worker_compute_s + totals["comm_s"], 6),
-            "network": network.name,
+            "network": ledger.network.name,
             "peak_rss_bytes": int(max(r[0] for r in per_rank)),
             "wire_bytes_sent_max_rank": max(r[1] for r in per_rank),
             "status": status if finite else "diverged",

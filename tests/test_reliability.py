@@ -150,21 +150,48 @@ def test_a_grid_rerun_with_more_epochs_extends_its_finished_cells(cli, tmp_path:
     assert again.code == 0 and again.err.count("already finished, skipped") == 2
 
 
-def test_failing_cell_is_recorded_and_the_grid_goes_on(tmp_path: Path) -> None:
+def test_a_cell_that_fails_while_running_is_recorded_and_the_grid_goes_on(
+    cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pnnctl.launch
+
+    real = pnnctl.launch.run_training
+
+    def rank_died_in_local_sgd(config, **kwargs):  # a failure no check before the run can foresee
+        if config.strategy == "local-sgd":
+            raise RuntimeError("rank 1 died")
+        return real(config, **kwargs)
+
+    monkeypatch.setattr(pnnctl.launch, "run_training", rank_died_in_local_sgd)
+    result = cli(*GRID, "--out", tmp_path, "--no-plots")
+    assert result.code == 1, result.err  # the grid went on, and the exit code still says a cell failed
+    assert "1 cell(s) failed (listed in" in result.err
+    failures = json.loads((tmp_path / "grid" / "failures.json").read_text())
+    assert failures == [{"run_id": "local-sgd-digits-w2-s0", "error": "RuntimeError: rank 1 died"}]
+    summary = pd.read_csv(tmp_path / "grid" / "summary.csv")
+    assert list(summary["strategy"]) == ["centralized"]
+
+
+def test_a_grid_with_a_cell_its_strategy_or_data_refuses_runs_nothing(cli, tmp_path: Path) -> None:
+    assert cli(*GRID, "--out", tmp_path, "--no-plots").code == 0
+    folder = tmp_path / "grid"
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    # psl's class-pair placement gives digits' 10 classes at most 45 workers; the other cells come first.
+    too_many = cli(*GRID, "--strategies", "centralized,local-sgd,psl", "--workers", "2,46", "--out", tmp_path)
+    assert too_many.code == 2
+    assert too_many.err_lines == [
+        "error: workers: psl with placement=pairs (one or more class pairs each) takes at most 45 workers, "
+        "not 46 (cell psl-digits-w46)"
+    ]
     empty = tmp_path / "no-data"
     empty.mkdir()
-    result = run_cli(
-        [*GRID[:-2], "--datasets", "digits,mnist", "--name", "mixed", "--out", str(tmp_path)],
-        env={"PNNCTL_DATA": str(empty)},
+    no_mnist = run_cli(
+        [*GRID, "--datasets", "digits,mnist", "--out", str(tmp_path)], env={"PNNCTL_DATA": str(empty)}
     )
-    assert result.returncode == 1, result.stderr  # the grid went on, and the exit code still says a cell failed
-    assert "2 cell(s) failed (listed in" in result.stderr
-    failures = json.loads((tmp_path / "mixed" / "failures.json").read_text())
-    assert {f["run_id"] for f in failures} == {"centralized-mnist-w1-s0", "local-sgd-mnist-w2-s0"}
-    assert all("data_dir" in f["error"] or "MNIST" in f["error"] for f in failures)
-    summary = pd.read_csv(tmp_path / "mixed" / "summary.csv")
-    assert set(summary["strategy"]) == {"centralized", "local-sgd"}
-    assert "failed" in result.stderr
+    assert no_mnist.returncode == 2 and no_mnist.stderr.count("\n") == 1
+    assert no_mnist.stderr.startswith(f"error: {empty / 'MNIST' / 'raw' / 'train-images-idx3-ubyte'}: missing")
+    assert no_mnist.stderr.endswith("(cell centralized-mnist-w1)\n")
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
 
 
 def test_second_writer_is_refused_by_the_lock(tmp_path: Path) -> None:
