@@ -31,9 +31,9 @@ from pnnctl.io import atomic_write_bytes
 from pnnctl.network import NetworkModel
 from pnnctl.stats import (
     CELL_KEY,
+    cell_labels,
     cell_names,
     cell_summary,
-    default_cell_name,
     load_metrics,
     projection_text,
     reproject,
@@ -65,25 +65,6 @@ def strategy_colors(names: Iterable[str]) -> dict[str, str]:
 
 # --------------------------------------------------------------------------------------------------
 # Styles and labels
-
-
-def _cell_labels(cells: pd.DataFrame) -> dict[str, str]:
-    """Legend labels: built-in cell names lose the parts that are the same for every cell."""
-    labels: dict[str, str] = {}
-    varying = [
-        column for column in ("dataset", "model", "workers") if cells[column].nunique(dropna=False) > 1
-    ]
-    for row in cells.itertuples(index=False):
-        built = default_cell_name(row.strategy, row.dataset, row.model, row.workers)
-        if row.cell != built:
-            labels[row.cell] = str(row.cell)
-            continue
-        parts = [str(row.strategy)]
-        parts += [str(row.dataset)] if "dataset" in varying else []
-        parts += [str(row.model)] if "model" in varying else []
-        parts += [f"{row.workers} worker{'' if row.workers == 1 else 's'}"] if "workers" in varying else []
-        labels[row.cell] = " · ".join(parts)
-    return labels
 
 
 def _cell_styles(cells: pd.DataFrame) -> dict[str, dict[str, str]]:
@@ -517,7 +498,7 @@ def plot_folder(
     summary = cell_summary(runs)
     # cell_summary sorts by strategy then workers, which is also the legend order.
     cells = summary[[*CELL_KEY, "cell"]].drop_duplicates("cell", ignore_index=True)
-    labels = _cell_labels(cells)
+    labels = cell_labels(cells)
     styles = _cell_styles(cells)
     figures = folder / "figures"
 

@@ -12,6 +12,7 @@ from pathlib import Path
 import pandas as pd
 
 from pnnctl.io import atomic_write_text
+from pnnctl.stats import cell_labels, shared_cell_parts
 
 _NONE = "—"
 
@@ -176,19 +177,23 @@ def _env_value(value: object) -> str:
     return str(value)
 
 
-def _fastest_rows(fastest: pd.DataFrame) -> list[dict[str, str]]:
-    """One row per cell with its seconds under each network, then the winner rows.
+def _fastest_rows(fastest: pd.DataFrame, labels: Mapping[str, str] | None = None) -> list[dict[str, str]]:
+    """One row per cell with its seconds under each network, then the winner rows; cells are shown
+    by their ``labels`` where given.
 
     Cells are rows, networks columns: a grid has a handful of networks and any number of cells, whose
     names are long (the other way round, the table ran off every screen)."""
+    labels = labels or {}
     # The winner columns: "fastest", or "fastest on DATASET" for each dataset of the grid.
     winners = [column for column in fastest.columns if str(column).startswith("fastest")]
     cells = [column for column in fastest.columns if column not in winners]
     rows: list[dict[str, str]] = []
     for cell in cells:
-        rows.append({"cell": str(cell), **{str(net): _number(float(value)) for net, value in fastest[cell].items()}})
+        seconds = {str(net): _number(float(value)) for net, value in fastest[cell].items()}
+        rows.append({"cell": labels.get(cell, str(cell)), **seconds})
     for column in winners:
-        winner = {str(net): _NONE if pd.isna(value) else str(value) for net, value in fastest[column].items()}
+        winner = {str(net): _NONE if pd.isna(value) else labels.get(value, str(value))
+                  for net, value in fastest[column].items()}  # fmt: skip
         rows.append({"cell": f"**{column}**", **winner})
     return rows
 
@@ -265,7 +270,13 @@ def write_report(
             "reached it; a cell where none did shows —."
         )
         lines.append("")
-    lines += _markdown_table(render_table(cells))
+    # Cells go by the names the figures' legends give them; summary.csv keeps the full names.
+    labels = cell_labels(cells) if len(cells) else {}
+    shared = shared_cell_parts(cells) if len(cells) else []
+    if shared:
+        lines += [f"Every cell: {', '.join(shared)}.", ""]
+    rows = [{**row, "cell": labels.get(row["cell"], row["cell"])} for row in render_table(cells)]
+    lines += _markdown_table([{k: v for k, v in row.items() if k not in ("strategy", "workers")} for row in rows])
     lines.append("")
 
     if fastest is not None and len(fastest):
@@ -277,7 +288,7 @@ def write_report(
             "Means are over the seeds that reached the target; — means no seed did."
         )
         lines.append("")
-        lines += _markdown_table(_fastest_rows(fastest))
+        lines += _markdown_table(_fastest_rows(fastest, labels))
         lines.append("")
 
     if published:

@@ -161,6 +161,49 @@ def default_cell_name(strategy: object, dataset: object, model: object, workers:
     return f"{strategy}/{dataset}/{model}/w{workers}"
 
 
+#: The parts of a built cell name that a grid may vary, in the order labels show them.
+_LABEL_PARTS: tuple[str, ...] = ("dataset", "model", "workers")
+
+
+def _workers_text(workers: object) -> str:
+    return f"{workers} worker{'' if workers == 1 else 's'}"
+
+
+def cell_labels(cells: pd.DataFrame) -> dict[str, str]:
+    """Readable names for one grid's cells, for figure legends and report tables: the strategy, then
+    the dataset, model and worker count only where cells differ in them, then any ``--vary`` values
+    (``ist · synthetic · 4 workers``); :func:`shared_cell_parts` says what every cell has in common.
+
+    ``cells`` has a row per cell with :data:`CELL_KEY` and ``cell``. A name not built from its columns
+    (a table written by hand) is kept as it is.
+    """
+    varying = [column for column in _LABEL_PARTS if cells[column].nunique(dropna=False) > 1]
+    labels: dict[str, str] = {}
+    for row in cells.itertuples(index=False):
+        cell = str(row.cell)
+        built = default_cell_name(row.strategy, row.dataset, row.model, row.workers)
+        if cell != built and not cell.startswith(built + "/"):
+            labels[cell] = cell
+            continue
+        parts = [str(row.strategy)]
+        parts += [str(row.dataset)] if "dataset" in varying else []
+        parts += [str(row.model)] if "model" in varying else []
+        parts += [_workers_text(row.workers)] if "workers" in varying else []
+        parts += [cell[len(built) + 1:]] if cell != built else []  # the --vary values
+        labels[cell] = " · ".join(parts)
+    return labels
+
+
+def shared_cell_parts(cells: pd.DataFrame) -> list[str]:
+    """What :func:`cell_labels` leaves out because every cell has it (``dataset digits``, ``2 workers``)."""
+    shared = []
+    for column in _LABEL_PARTS:
+        values = cells[column].unique()
+        if len(values) == 1:
+            shared.append(_workers_text(values[0]) if column == "workers" else f"{column} {values[0]}")
+    return shared
+
+
 def cell_names(metrics: pd.DataFrame) -> pd.Series:
     """The cell of every row: the ``cell`` column where filled, otherwise built from :data:`CELL_KEY`."""
     built = pd.Series(

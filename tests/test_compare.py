@@ -82,7 +82,7 @@ def test_plot_redraws_from_tables_alone_under_another_network(grid: Path, tmp_pa
     seeds = [float(project_time(pd.read_csv(copy / "runs" / f"local-sgd-digits-w2-s{seed}" / "metrics.csv").iloc[[-1]],
                                 NETWORK_PRESETS["wan"]).iloc[0]) for seed in (0, 1)]  # fmt: skip
     assert cells.loc["local-sgd/digits/mlp:64-32-10/w2", "projected_s_mean"] == pytest.approx(sum(seeds) / 2)
-    row = next(line for line in report.splitlines() if line.startswith("| local-sgd/digits/mlp:64-32-10/w2 |"))
+    row = next(line for line in report.splitlines() if line.startswith("| local-sgd · 2 workers |"))
     assert f"{sum(seeds) / 2:.3g}" in row
 
 
@@ -189,7 +189,7 @@ def test_a_grid_over_two_datasets_names_each_rows_dataset(
     # --no-plots skips the figures, not the report the console points to (it used to name a missing file).
     report = tmp_path / "compare" / "report.md"
     assert f"report: {report}" in " ".join(result.err.split())
-    assert "| allreduce/synthetic/mlp/w2 |" in report.read_text() and "## Figures" not in report.read_text()
+    assert "| allreduce · synthetic |" in report.read_text() and "## Figures" not in report.read_text()
     assert not (tmp_path / "compare" / "figures").exists()
 
 

@@ -127,15 +127,16 @@ def test_report_links_table_and_command(compare: tuple[Path, list[Path]]) -> Non
     text = report.read_text(encoding="utf-8")
     assert command in text
     assert "mean ± std" in text
+    # Cells go by their legend names (what differs between them); the line above says what they share.
+    assert "\nEvery cell: dataset mnist, model mlp.\n" in text
     for strategy in STRATEGIES:
         for workers in (2, 4):
-            assert re.search(
-                rf"^\| {strategy}/mnist/mlp/w{workers} \| {strategy} \| {workers} \|", text, re.M
-            )
+            final = cells.set_index("cell").loc[f"{strategy}/mnist/mlp/w{workers}", "final_acc_mean"]
+            assert f"\n| {strategy} · {workers} workers | {100 * final:.2f} ± " in text
     assert "## Fastest to target per network" in text and "| cell | wan | dc-100g |" in text
     # A row per cell, seconds under each network; the winner row names a cell per network.
-    assert re.search(r"^\| gossip/mnist/mlp/w2 \| [0-9.e+-]+ \| [0-9.e+-]+ \|$", text, re.M)
-    assert re.search(r"^\| \*\*fastest\*\* \| \w+/mnist/mlp/w\d \| \w+/mnist/mlp/w\d \|$", text, re.M)
+    assert re.search(r"^\| gossip · 2 workers \| [0-9.e+-]+ \| [0-9.e+-]+ \|$", text, re.M)
+    assert re.search(r"^\| \*\*fastest\*\* \| [a-z]+ · \d workers \| [a-z]+ · \d workers \|$", text, re.M)
     assert "## Published numbers" in text and "98.1% on MNIST" in text
     links = re.findall(r"\]\((figures/[^)]+)\)", text)
     assert "figures/acc_vs_epoch.png" in links and "figures/scaling.svg" in links
@@ -240,7 +241,8 @@ def test_scaling_lines_of_one_strategy_on_two_datasets_differ_in_style() -> None
 
 
 def test_a_long_legend_sits_beside_the_axes_and_one_worker_is_singular() -> None:
-    from pnnctl.plots import _cell_labels, _cell_styles, _fig_pareto
+    from pnnctl.plots import _cell_styles, _fig_pareto
+    from pnnctl.stats import cell_labels
 
     def cells(n: int) -> pd.DataFrame:
         workers = list(range(1, n + 1))
@@ -253,7 +255,7 @@ def test_a_long_legend_sits_beside_the_axes_and_one_worker_is_singular() -> None
     placed = {}
     for n in (4, 12):
         frame = cells(n)
-        labels = _cell_labels(frame)
+        labels = cell_labels(frame)
         assert labels["s/d/mlp/w1"] == "s · 1 worker" and labels["s/d/mlp/w2"] == "s · 2 workers"
         fig = _fig_pareto(frame, labels, _cell_styles(frame))
         fig.canvas.draw()

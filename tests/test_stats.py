@@ -255,6 +255,30 @@ def test_cells_read_worker_counts_as_numbers_in_the_tables() -> None:
     assert list(fastest_to_target(metrics, 0.9, [NETWORK_PRESETS["wan"]]).columns) == [*order, "fastest"]
 
 
+def test_cell_labels_keep_only_what_differs_between_cells() -> None:
+    from pnnctl.stats import cell_labels, shared_cell_parts
+
+    def cells(*rows: tuple[str, str, str, int, str]) -> pd.DataFrame:
+        return pd.DataFrame(rows, columns=["strategy", "dataset", "model", "workers", "cell"])
+
+    varied = cells(
+        ("local-sgd", "digits", "mlp:64-32-10", 2, "local-sgd/digits/mlp:64-32-10/w2/local_steps=5"),
+        ("local-sgd", "digits", "mlp:64-32-10", 4, "local-sgd/digits/mlp:64-32-10/w4/local_steps=40"),
+        ("allreduce", "digits", "mlp:64-32-10", 1, "allreduce/digits/mlp:64-32-10/w1"),
+        ("psl", "digits", "mlp:64-32-10", 2, "my psl run"),  # not built from its columns: kept whole
+    )
+    assert list(cell_labels(varied).values()) == [
+        "local-sgd · 2 workers · local_steps=5", "local-sgd · 4 workers · local_steps=40", "allreduce · 1 worker",
+        "my psl run",
+    ]
+    assert shared_cell_parts(varied) == ["dataset digits", "model mlp:64-32-10"]
+    two_tasks = cells(
+        ("ist", "digits", "mlp", 4, "ist/digits/mlp/w4"), ("ist", "synthetic", "mlp", 4, "ist/synthetic/mlp/w4")
+    )
+    assert list(cell_labels(two_tasks).values()) == ["ist · digits", "ist · synthetic"]
+    assert shared_cell_parts(two_tasks) == ["model mlp", "4 workers"]
+
+
 def test_fastest_is_nan_when_nobody_reaches() -> None:
     result = fastest_to_target(table(run_rows("a", 0, [0.1])), 0.9, [NETWORK_PRESETS["wan"]])
     assert pd.isna(result.loc["wan", "fastest"])
