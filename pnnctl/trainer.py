@@ -630,7 +630,9 @@ def train(
                 if "overflow" not in str(exc):
                     raise
                 result = RoundResult(loss=float("inf"), samples=0)
-            round_compute = time.perf_counter() - started
+            # Ranks agree on the round's time (the slowest rank's): each measuring its own, a seconds budget
+            # stopped one rank a round before the others, which then waited in a collective until the timeout.
+            round_compute = max(times[0] for times in shared_comm.gather_floats([time.perf_counter() - started]))
             state.compute_s += round_compute
             state.collective_s += group.collective_s - collectives_before
             # This process computed its n_local workers one after another; with a machine per worker

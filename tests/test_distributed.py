@@ -63,6 +63,22 @@ def test_wire_bytes_equal_logical_bytes_with_one_worker_per_process(tmp_path: Pa
         assert (rows["wire_bytes_sent_max_rank"] == rows["bytes_sent_max_worker"]).all()
 
 
+def test_a_seconds_budget_stops_every_rank_on_the_same_round(tmp_path: Path) -> None:
+    # Each rank used to add up its own compute seconds: at the budget one rank stopped a round before the
+    # other, which waited in a collective until the timeout, and the run failed.
+    result = run_cli(["train", "--strategy", "allreduce", "--dataset", "digits", "--model", "mlp:64-32-10",
+                      "--workers", "2", "--nproc", "2", "--epochs", "100", "--budget", "seconds=1",
+                      "--eval-every", "0.05", "--set", "timeout_s=20", "--out", str(tmp_path)])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    from pnnctl.trainer import load_checkpoint
+
+    run = tmp_path / "allreduce-w2-s0"
+    loops = [load_checkpoint(run / name)["loop"] for name in ("checkpoint.pt", "checkpoint.rank1.pt")]
+    assert loops[0]["round"] == loops[1]["round"] and loops[0]["compute_s"] == loops[1]["compute_s"] >= 1.0
+    rows = pd.read_csv(run / "metrics.csv")
+    assert rows["status"].iloc[-1] == "finished" and rows["epoch"].iloc[-1] < 100
+
+
 def _spawned_ranks(parent: int) -> list[int]:
     """Child processes of ``parent`` that are torch.multiprocessing spawn workers (the ranks)."""
     ranks = []
