@@ -367,6 +367,11 @@ class IndependentSubnetTraining(Strategy):
         self.subnet = self.build_subnet(group.n_local)
         self.subnet.to(ctx.device)
         self._grad_masks = self._padding_masks() if self.uneven else []
+        # Built here, not each round: the first optimizer a process builds imports torch._dynamo (1.5 s on
+        # this CPU), which landed in the first round's compute time. Rounds start from empty state.
+        self.optimizer = make_optimizer(
+            config.optimizer, self.subnet.parameters(), config.lr, config.momentum, config.weight_decay
+        )
         self.sampler = ShardSampler(
             ctx.x_train, ctx.y_train, ctx.shards, group.local_workers, config.batch_size, config.seed
         )
@@ -718,9 +723,8 @@ class IndependentSubnetTraining(Strategy):
         self._load_subnets(block)
 
         # A subnet's units change every round, so optimizer state cannot carry over (interpretation).
-        optimizer = make_optimizer(
-            config.optimizer, self.subnet.parameters(), config.lr, config.momentum, config.weight_decay
-        )
+        optimizer = self.optimizer
+        optimizer.state.clear()
         self.subnet.train()
         loss_sum = torch.zeros(group.n_local, device=self.ctx.device)
         for _ in range(steps):

@@ -678,3 +678,40 @@ def test_a_second_stop_signal_stops_at_once_unless_it_is_the_same_request() -> N
     stop._first_at -= SAME_STOP_REQUEST_S + 0.1  # asked again later: the user wants out now
     with pytest.raises(KeyboardInterrupt):
         stop._handle(signal.SIGINT, None)
+
+
+_ROUNDS_IMPORT = """
+import sys
+import torch
+from pnnctl.config import RunConfig
+from pnnctl.trainer import build_strategy
+
+name = sys.argv[1]
+config = RunConfig(strategy=name, workers=1 if name == "centralized" else 2, dataset="digits", epochs=2,
+                   model="mlp:64-32-32-10", optimizer="adam", lr=0.01)
+strategy = build_strategy(config, torch.device("cpu"))
+before = set(sys.modules)
+strategy.run_round()
+strategy.run_round()
+print(" ".join(sorted(set(sys.modules) - before)))
+"""
+
+
+def test_no_strategy_imports_torch_dynamo_inside_a_timed_round() -> None:
+    # The first torch.optim optimizer a process builds imports torch._dynamo, 1.5 s on this CPU. ist built
+    # its optimizer in every round, so a fresh process's first ist round counted that import as compute
+    # (the committed ist grid's first cell: 1.26 s first round, 0.30 s after). Each strategy runs in a fresh
+    # process, where nothing has imported it yet; all of them at once, so the test takes one start-up.
+    from conftest import subprocess_env
+
+    from strategies import STRATEGIES
+
+    started = {
+        name: subprocess.Popen([sys.executable, "-c", _ROUNDS_IMPORT, name], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=subprocess_env())
+        for name in STRATEGIES
+    }
+    for name, process in started.items():
+        out, err = process.communicate(timeout=300)
+        assert process.returncode == 0, err[-2000:]
+        assert not [module for module in out.split() if module.startswith("torch._dynamo")], (name, out)
