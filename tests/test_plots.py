@@ -226,6 +226,24 @@ def test_each_dataset_of_a_grid_gets_its_own_pareto_front() -> None:
     assert fronts == {"Pareto front · easy": [1.0, 4.0], "Pareto front · hard": [2.0, 8.0]}
 
 
+def test_memory_bars_get_error_bars_only_where_seeds_differ() -> None:
+    from matplotlib.container import BarContainer
+
+    from pnnctl.plots import _cell_styles, _fig_memory
+
+    cells = _two_dataset_cells().assign(
+        params_max_worker_mean=[1e6, 2e6, 3e6, 4e6], params_max_worker_std=[np.nan, 0.0, 0.0, 0.0],
+        memory_max_worker_bytes_mean=[4e6, 8e6, 12e6, 16e6], memory_max_worker_bytes_std=[np.nan, 0.0, 2e6, 0.0],
+    )
+    fig = _fig_memory(cells, {cell: cell for cell in cells["cell"]}, _cell_styles(cells))
+    bars = [next(c for c in ax.containers if isinstance(c, BarContainer)) for ax in fig.axes]
+    caps = [np.asarray(panel.errorbar.lines[1][0].get_ydata(), float) for panel in bars]  # the lower caps
+    plt.close(fig)
+    # One seed (NaN) and no spread (0) draw nothing: a zero-height cap on every bar read as an exact spread.
+    assert np.isnan(caps[0]).all()
+    assert np.isnan(caps[1][[0, 1, 3]]).all() and caps[1][2] == pytest.approx(10.0)  # 12 MB - 2 MB
+
+
 def test_scaling_lines_of_one_strategy_on_two_datasets_differ_in_style() -> None:
     from pnnctl.plots import _fig_scaling
 
