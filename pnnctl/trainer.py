@@ -263,17 +263,20 @@ def _limits(config: RunConfig, n_train: int) -> dict[str, float]:
 
 def _samples_left(config: RunConfig, spent: dict[str, float], n_train: int, cut_by_bytes: bool) -> float:
     """What the next round may train, given what the run has ``spent``: the remainder of the epochs or a
-    samples budget and, under a bytes budget for a strategy whose traffic grows with its steps, the
-    samples the bytes left pay for at the run's rate so far (a first round of one step measures it).
-    A round of up to an epoch used to carry allreduce or consensus up to an epoch's bytes past the budget."""
+    samples budget and, under a seconds budget or (for a strategy whose traffic grows with its steps) a
+    bytes budget, the samples what is left of it pays for at the run's rate so far (a first round of one
+    step measures the rate). A round of up to an epoch used to carry a run up to an epoch's bytes or
+    seconds past its budget."""
     left = samples_allowed(config, n_train) - spent["samples"]
-    byte_limit = _limits(config, n_train).get("bytes")
-    if not cut_by_bytes or byte_limit is None:
-        return left
-    if spent["samples"] == 0:
-        return min(left, 1.0)  # one step: a round holds at least one
-    sent = spent["bytes"]
-    return min(left, (byte_limit - sent) * spent["samples"] / sent) if sent > 0 else left
+    limits = _limits(config, n_train)
+    for kind in ("bytes", "seconds"):
+        if kind not in limits or (kind == "bytes" and not cut_by_bytes):
+            continue
+        if spent["samples"] == 0:
+            return min(left, 1.0)  # one step: a round holds at least one
+        if spent[kind] > 0:
+            left = min(left, (limits[kind] - spent[kind]) * spent["samples"] / spent[kind])
+    return left
 
 
 def _budget_reached(config: RunConfig, state: LoopState, ledger: Ledger, n_train: int) -> bool:
@@ -308,15 +311,15 @@ def _budget_overshoot(
 ) -> list[str]:
     """Notes where the last round carried the run more than a quarter past a budget it began under.
 
-    A last round is cut to what the epochs, a samples budget or (``cut_by_bytes``: the strategy's
-    traffic grows with its steps) a bytes budget allow, but only to a whole step of every worker, or
-    not at all where a strategy cannot cut one (sil's epochs, a local-sgd or ist exchange); seconds
-    are checked between rounds, and a round a strategy leaves open lasts up to an epoch.
+    A last round is cut to what the epochs, a samples or seconds budget or (``cut_by_bytes``: the
+    strategy's traffic grows with its steps) a bytes budget allow, but only to a whole step of every
+    worker, or not at all where a strategy cannot cut one (sil's epochs, a local-sgd or ist exchange).
     """
+    whole_periods = "rounds stop on a whole step of every worker, or on a whole period the strategy cannot cut"
     why = {
-        "samples": "rounds stop on a whole step of every worker, or on a whole period the strategy cannot cut",
+        "samples": whole_periods,
         "bytes": "rounds stop on a whole step" if cut_by_bytes else "each round is one exchange, whatever its steps",
-        "seconds": "checked between rounds; a shorter --eval-every shortens the rounds a strategy leaves open",
+        "seconds": f"{whole_periods}; the time left is turned into steps at the run's rate so far",
     }
     notes = []
     for kind, limit in _limits(config, n_train).items():

@@ -592,6 +592,35 @@ def test_a_bytes_budget_stops_a_strategy_that_talks_every_step_on_the_step_that_
     assert result.notes == []
 
 
+def test_a_seconds_budget_cuts_rounds_to_the_time_left_at_the_runs_rate(
+    small_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A clock that moves only while a round trains, 1 ms per sample: allreduce's steps (4 workers x 16) take
+    # 64 ms, so 0.7 s pays for 10.9 steps and the run stops on the 11th. The open round is an epoch (23
+    # steps, 1.47 s): the run used to train it whole. A first step measures the rate, the next round is cut.
+    import types
+
+    from strategies.baselines import AllReduce
+
+    clock = [0.0]
+    fake_time = types.SimpleNamespace(**{name: getattr(time, name) for name in dir(time) if not name.startswith("_")})
+    fake_time.perf_counter = lambda: clock[0]
+    monkeypatch.setattr("pnnctl.trainer.time", fake_time)
+    trained = AllReduce.run_round
+
+    def one_ms_a_sample(self, samples_left: float = math.inf):
+        result = trained(self, samples_left)
+        clock[0] += 1e-3 * result.samples
+        return result
+
+    monkeypatch.setattr(AllReduce, "run_round", one_ms_a_sample)
+    config = small_config(strategy="allreduce", workers=4, batch_size=16, budget="seconds=0.7",
+                          checkpoint_every=1000, out=str(tmp_path))  # fmt: skip
+    result = train(config)
+    assert int(result.rows[-1]["samples_seen"]) == 11 * 64 and int(result.rows[-1]["round"]) == 2
+    assert float(result.rows[-1]["compute_s"]) == pytest.approx(0.704) and result.notes == []
+
+
 def test_a_bytes_budget_below_one_exchange_of_local_sgd_is_overshot_and_noted(small_config, tmp_path: Path) -> None:
     # local-sgd's round is one parameter average (14,460 bytes per worker here) however few its steps, so
     # a budget of 10,000 bytes cannot be met; the run trains its first period and says so.
