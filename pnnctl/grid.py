@@ -121,8 +121,10 @@ class CompareOutcome:
 def grid_lock(folder: Path) -> Iterator[None]:
     """One writer per grid folder: an O_EXCL lock file holding the owner's pid.
 
-    A lock whose process is gone (killed grid) is taken over, so a killed compare can resume.
+    A lock whose process is gone (killed grid) is taken over, so a killed compare can resume. Folders
+    made for the lock are removed again if nothing else was written in them (a refused grid).
     """
+    made = [path for path in (folder, *folder.parents) if not path.exists()]
     folder.mkdir(parents=True, exist_ok=True)
     lock = folder / ".lock"
     for _ in range(2):
@@ -147,6 +149,10 @@ def grid_lock(folder: Path) -> Iterator[None]:
         yield
     finally:
         lock.unlink(missing_ok=True)
+        for path in made:  # innermost first
+            if any(path.iterdir()):
+                break
+            path.rmdir()
 
 
 def _alive(pid: int) -> bool:

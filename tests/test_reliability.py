@@ -192,6 +192,10 @@ def test_a_grid_with_a_cell_its_strategy_or_data_refuses_runs_nothing(cli, tmp_p
     assert no_mnist.stderr.startswith(f"error: {empty / 'MNIST' / 'raw' / 'train-images-idx3-ubyte'}: missing")
     assert no_mnist.stderr.endswith("(cell centralized-mnist-w1)\n")
     assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    # Refused into a folder that did not exist: no folder is left behind (the lock had made it).
+    elsewhere = tmp_path / "new" / "deeper"
+    assert cli(*GRID, "--strategies", "psl", "--workers", "46", "--out", elsewhere).code == 2
+    assert not (tmp_path / "new").exists()
 
 
 def test_second_writer_is_refused_by_the_lock(tmp_path: Path) -> None:
@@ -199,6 +203,7 @@ def test_second_writer_is_refused_by_the_lock(tmp_path: Path) -> None:
     from pnnctl.grid import grid_lock
 
     folder = tmp_path / "grid"
+    folder.mkdir()
     with grid_lock(folder):
         (folder / ".lock").write_text(str(os.getppid()))  # another live process holds it
         with pytest.raises(UsageError, match="another compare"), grid_lock(folder):
