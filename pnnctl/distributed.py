@@ -27,6 +27,7 @@ previous one), and ``--resume`` restarts from the newest round that every rank h
 from __future__ import annotations
 
 import datetime
+import json
 import logging
 import os
 import signal
@@ -223,7 +224,7 @@ def _run_rank(config: RunConfig, *, resume: bool, progress: Any) -> Any:
     return result if runtime.is_main else None
 
 
-def _child(local_rank: int, config: RunConfig, resume: bool, port: int, error_dir: str, progress: Any) -> None:
+def _child(local_rank: int, config: RunConfig, resume: bool, port: int, report_dir: str, progress: Any) -> None:
     """One spawned rank: torchrun's environment, then the same path as under torchrun."""
     os.environ.update(
         RANK=str(local_rank),
@@ -234,18 +235,18 @@ def _child(local_rank: int, config: RunConfig, resume: bool, port: int, error_di
         MASTER_PORT=str(port),
     )
     try:
-        _run_rank(config, resume=resume, progress=progress if local_rank == 0 else None)
+        result = _run_rank(config, resume=resume, progress=progress if local_rank == 0 else None)
+        if result is not None:  # rank 0's warnings, for the parent to print as a run in one process does
+            Path(report_dir, "notes.json").write_text(json.dumps(result.notes))
     except UsageError as exc:
-        Path(error_dir, f"rank{local_rank}.usage").write_text(str(exc))
+        Path(report_dir, f"rank{local_rank}.usage").write_text(str(exc))
         raise SystemExit(2) from None
     except Exception as exc:  # reported by the parent with the rank's number
-        Path(error_dir, f"rank{local_rank}.error").write_text(f"{type(exc).__name__}: {exc}".splitlines()[0])
+        Path(report_dir, f"rank{local_rank}.error").write_text(f"{type(exc).__name__}: {exc}".splitlines()[0])
         raise SystemExit(1) from None
 
 
 def _spawn_local(config: RunConfig, *, resume: bool, progress: Any) -> Any:
-    import json
-
     import torch.multiprocessing as mp
 
     from pnnctl.trainer import RunResult, _read_rows
@@ -253,9 +254,9 @@ def _spawn_local(config: RunConfig, *, resume: bool, progress: Any) -> Any:
     # torch logs each rank it terminates; our own one-line error says which rank failed.
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     port = free_port()
-    with tempfile.TemporaryDirectory(prefix="pnnctl-ranks-") as error_dir:
+    with tempfile.TemporaryDirectory(prefix="pnnctl-ranks-") as report_dir:
         context = mp.spawn(
-            _child, args=(config, resume, port, error_dir, progress), nprocs=config.nproc, join=False
+            _child, args=(config, resume, port, report_dir, progress), nprocs=config.nproc, join=False
         )
         # The ranks stop after the round they agree on. A signal sent to this parent alone (kill -INT PID,
         # a scheduler's SIGTERM) is passed on to them; one sent to the whole process group (Ctrl-C)
@@ -271,11 +272,11 @@ def _spawn_local(config: RunConfig, *, resume: bool, progress: Any) -> Any:
             while not context.join(grace_period=5):
                 pass
         except mp.ProcessExitedException as exc:
-            usage = sorted(Path(error_dir).glob("*.usage"))
+            usage = sorted(Path(report_dir).glob("*.usage"))
             if usage:
                 field, _, problem = usage[0].read_text().partition(": ")
                 raise UsageError(field, problem) from None
-            errors = sorted(Path(error_dir).glob("*.error"))
+            errors = sorted(Path(report_dir).glob("*.error"))
             detail = "; ".join(f"{p.stem}: {p.read_text()}" for p in errors)
             how = f"signal {exc.signal_name}" if exc.signal_name else f"exit code {exc.exit_code}"
             raise RankFailed(
@@ -285,7 +286,9 @@ def _spawn_local(config: RunConfig, *, resume: bool, progress: Any) -> Any:
         finally:
             for sig, handler in previous.items():
                 signal.signal(sig, handler)
+        notes_file = Path(report_dir, "notes.json")
+        notes = json.loads(notes_file.read_text()) if notes_file.exists() else []
     run_dir = Path(config.out) / config.run_id
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = _read_rows(run_dir / "metrics.csv")
-    return RunResult(run_dir, summary.get("status", "finished"), rows, summary)
+    return RunResult(run_dir, summary.get("status", "finished"), rows, summary, notes)

@@ -79,6 +79,18 @@ def test_a_seconds_budget_stops_every_rank_on_the_same_round(tmp_path: Path) -> 
     assert rows["status"].iloc[-1] == "finished" and rows["epoch"].iloc[-1] < 100
 
 
+def test_an_nproc_run_prints_its_warnings_as_a_run_in_one_process_does(tmp_path: Path) -> None:
+    # The ranks' warnings reached summary.json, but the parent rebuilt the result from the files and printed
+    # none: a run 36% over its bytes budget said nothing. Below one exchange of local SGD (see test_trainer).
+    result = run_cli(["train", "--strategy", "local-sgd", "--dataset", "digits", "--model", "mlp:64-32-10",
+                      "--workers", "4", "--batch-size", "16", "--budget", "bytes=10000", "--nproc", "2",
+                      "--out", str(tmp_path)])  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert warnings == ["warning: the busiest worker sent 0.0145 MB where the budget allowed 0.01 MB: the last round "
+                        "of local-sgd took 0.0145 MB (each round is one exchange, whatever its steps)"]  # fmt: skip
+
+
 def _spawned_ranks(parent: int) -> list[int]:
     """Child processes of ``parent`` that are torch.multiprocessing spawn workers (the ranks)."""
     ranks = []
