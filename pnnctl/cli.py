@@ -419,9 +419,10 @@ def compare(
             for row in rows:
                 table.add_row(*row.values())
             out_console.print(table)
-        for runs, warning in _seeds_together(outcome.warnings):
-            console.print(f"warning: {runs}: {warning}", highlight=False, soft_wrap=True)
-        console.print(f"report: {outcome.folder / 'report.md'}", highlight=False)
+    # On stderr in either format: --format json keeps stdout for the JSON alone.
+    for runs, warning in _seeds_together(outcome.warnings):
+        console.print(f"warning: {runs}: {warning}", highlight=False, soft_wrap=True)
+    console.print(f"report: {outcome.folder / 'report.md'}", highlight=False)
     for failure in outcome.failures:
         console.print(f"cell failed: {failure['run_id']}: {failure['error']}", highlight=False, soft_wrap=True)
     if outcome.failures:  # the other cells ran and are reported; a script must still learn of it

@@ -238,3 +238,9 @@ def test_compare_prints_the_warnings_of_the_cells_it_ran(cli, tmp_path: Path) ->
     assert result.code == 0, result.err
     (warning,) = [line for line in result.err_lines if line.startswith("warning: local-sgd-digits-w2-s0: ")]
     assert "epochs (192 samples) where the budget allowed 0.1: the last round of local-sgd held 192" in warning
+    # --format json printed no warnings at all; they go to stderr, leaving stdout to the JSON.
+    as_json = cli("compare", "--strategies", "local-sgd", "--workers", "2", "--datasets", "digits", "--model",
+                  "mlp:64-16-10", "--epochs", "0.1", "--no-plots", "--out", tmp_path / "json", "--format", "json")
+    assert as_json.code == 0, as_json.err
+    assert [line for line in as_json.err_lines if line.startswith("warning: ")] == [warning]
+    assert [cell["strategy"] for cell in json.loads(as_json.out)] == ["local-sgd"]
