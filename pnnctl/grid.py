@@ -213,25 +213,22 @@ def cell_configs(layers: dict[str, Any], grid: GridSpec, folder: Path) -> list[R
     for dataset in datasets:
         labels: dict[str, dict[str, dict[str, Any]]] = {}  # strategy -> variant folder label -> its values
         for strategy in grid.strategies:
-            get_strategy(strategy)
-            worker_counts = (1,) if get_strategy(strategy).single_worker else grid.workers
+            single = get_strategy(strategy).single_worker
+            worker_counts = (1,) if single else grid.workers
             for variant in _variants(strategy, grid.vary):
                 label = _slug(variant)
                 for workers in worker_counts:
                     for seed in range(grid.seeds):
                         values = merge_layers(dict(layers), split_sections(_nest(variant), "--vary"))
-                        values.update(
-                            strategy=strategy,
-                            dataset=dataset,
-                            workers=workers,
-                            seed=seed,
-                            out=str(folder / "runs"),
-                            variant=label,
-                            run_name="-".join(
-                                [strategy, dataset, f"w{workers}", *([label] if label else []), f"s{seed}"]
-                            ),
-                        )
-                        configs.append(config_from_dict(values))
+                        run_name = "-".join([strategy, dataset, f"w{workers}", *([label] if label else []), f"s{seed}"])
+                        values.update(strategy=strategy, dataset=dataset, workers=workers, seed=seed,
+                                      out=str(folder / "runs"), variant=label, run_name=run_name)
+                        if single:  # one worker is one process: the grid's --nproc is for the others
+                            values["nproc"] = 1
+                        try:
+                            configs.append(config_from_dict(values))
+                        except UsageError as exc:  # --nproc 4 beside --workers 2,8: say which cell
+                            raise UsageError(exc.field, f"{exc.problem} (cell {run_name.rsplit('-s', 1)[0]})") from None
                 earlier = labels.setdefault(strategy, {}).get(label)
                 if earlier is not None:  # --vary values that spell one folder name
                     spelled = [",".join(f"{key}={value}" for key, value in v.items()) for v in (earlier, variant)]

@@ -94,6 +94,8 @@ BAD_INPUTS: list[Case] = [
      "error: workers: lists 2 more than once"),
     ("a --vary value twice", lambda t, m: ["compare", *GRID, "--vary", "local-sgd.local_steps=5,5"],
      "error: vary: lists local-sgd.local_steps=5 more than once"),
+    ("more processes than a grid cell's workers", lambda t, m: ["compare", *GRID, "--workers", "2,4", "--nproc", "4"],
+     "error: workers: 2 workers cannot fill 4 processes; use --workers >= --nproc (cell"),
 ]
 
 

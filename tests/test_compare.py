@@ -129,6 +129,17 @@ def test_format_json_and_python_api_agree_with_the_table(grid: Path, tmp_path: P
     assert expected["n_seeds"] == 2
 
 
+def test_a_single_worker_baseline_runs_in_one_process_in_an_nproc_grid(tmp_path: Path) -> None:
+    from pnnctl.grid import GridSpec, cell_configs
+
+    # centralized is one worker, which cannot fill 2 processes: the whole grid was refused, so an --nproc
+    # comparison could not include the centralized baseline.
+    grid = GridSpec.build({"strategies": ["centralized", "allreduce"], "workers": [2, 4], "datasets": ["digits"]})
+    configs = cell_configs({"nproc": 2, "epochs": 1.0}, grid, tmp_path)
+    assert {(c.strategy, c.workers, c.nproc) for c in configs} == {("centralized", 1, 1), ("allreduce", 2, 2),
+                                                                    ("allreduce", 4, 2)}  # fmt: skip
+
+
 def test_vary_repeats_each_strategys_cells_over_its_own_option_values(tmp_path: Path) -> None:
     result = run_cli(["compare", "--strategies", "local-sgd,allreduce", "--workers", "2", "--datasets", "digits",
                       "--model", "mlp:64-32-10", "--epochs", "0.5", "--vary", "local-sgd.local_steps=2,8",
