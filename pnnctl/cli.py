@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import shlex
 import signal
 import sys
@@ -400,14 +401,17 @@ def compare(
         shown = [(name, index) for name, index in (("dataset", 1), ("model", 2))
                  if len({cell[index] for cell in parts if len(cell) > index}) > 1]
         varied = any(cell[4:] for cell in parts)
+        variants = ["/".join(cell[4:]) for cell in parts]
+        if any(re.search(r"(^|,)model=", variant) for variant in variants):
+            shown = [(name, index) for name, index in shown if name != "model"]  # the variant names it
         # A diverged or failed run shows as "—": the statuses say why, where any run did not finish.
         unfinished = any(row.get("run statuses", "").partition(":")[0] not in ("", "finished")
                          or "," in row.get("run statuses", "") for row in table_rows)  # fmt: skip
-        for row, cell in zip(table_rows, parts, strict=True):
+        for row, cell, variant in zip(table_rows, parts, variants, strict=True):
             short = {k: v for k, v in row.items() if k.startswith(headline)}
             described = {name: cell[index] if len(cell) > index else "-" for name, index in shown}
-            if varied:
-                described["variant"] = "/".join(cell[4:]) or "-"
+            if varied:  # a value per line, so that several varied keys do not crowd out the figures
+                described["variant"] = re.sub(r",(?=[A-Za-z_][\w.]*=)", "\n", variant) or "-"
             if unfinished:
                 short["runs"] = row.get("run statuses", "")
             rows.append({"strategy": short.pop("strategy"), **described, **short})
@@ -415,7 +419,8 @@ def compare(
             table = Table(title=f"{outcome.folder} ({outcome.aggregate_note})")
             for col in rows[0]:
                 # Names are what tells rows apart: the figures' columns wrap first.
-                table.add_column(col, no_wrap=col in ("strategy", "dataset", "model", "variant", "runs"))
+                name = col in ("strategy", "dataset", "model", "variant", "runs")
+                table.add_column(col, no_wrap=name, min_width=None if name else 5)  # figures never squeezed out
             for row in rows:
                 table.add_row(*row.values())
             out_console.print(table)

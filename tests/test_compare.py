@@ -182,6 +182,27 @@ def test_a_vary_grid_lists_option_values_in_number_order_and_marks_untouched_cel
     assert all(row[3].endswith("(n=1)") for row in rows)
 
 
+def test_an_80_column_console_keeps_every_figure_of_a_grid_varied_over_two_keys(
+    cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pnnctl.cli
+
+    monkeypatch.setattr(pnnctl.cli.out_console, "_width", 80)
+    result = cli("compare", "--strategies", "local-sgd", "--workers", "2", "--datasets", "digits", "--epochs", "0.2",
+                 "--vary", "sharding=iid,dirichlet:0.3", "--vary", "model=mlp:64-16-10,mlp:64-24-10",
+                 "--no-plots", "--out", tmp_path)  # fmt: skip
+    assert result.code == 0, result.err
+    # The variant and model columns (which also repeated the model) used to take the whole width, and the
+    # figure columns were squeezed to nothing. Now a varied value per line, the model once.
+    lines = [line for line in result.out.splitlines() if line.startswith(("┃", "│"))]
+    assert all(len(line) <= 80 for line in lines)
+    assert "model" not in " ".join(line for line in lines if line.startswith("┃"))
+    summary = pd.read_csv(tmp_path / "compare" / "summary.csv")
+    first_lines = [[c.strip() for c in line.split("│")[1:-1]] for line in lines if line.startswith("│ local-sgd")]
+    assert [row[1] for row in first_lines] == ["sharding=dirichlet:0.3", "sharding=iid"] * 2
+    assert [row[3] for row in first_lines] == [f"{100 * acc:.2f}" for acc in summary["final_acc_mean"]]
+
+
 def test_a_grid_over_two_datasets_names_each_rows_dataset(
     cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
