@@ -400,8 +400,8 @@ def compare(
         parts = [row.get("cell", "").split("/") for row in table_rows]
         shown = [(name, index) for name, index in (("dataset", 1), ("model", 2))
                  if len({cell[index] for cell in parts if len(cell) > index}) > 1]
-        varied = any(cell[4:] for cell in parts)
         variants = ["/".join(cell[4:]) for cell in parts]
+        varied = any(variants)
         if any(re.search(r"(^|,)model=", variant) for variant in variants):
             shown = [(name, index) for name, index in shown if name != "model"]  # the variant names it
         # A diverged or failed run shows as "—": the statuses say why, where any run did not finish.

@@ -228,7 +228,7 @@ def cell_configs(layers: dict[str, Any], grid: GridSpec, folder: Path) -> list[R
                         try:
                             configs.append(config_from_dict(values))
                         except UsageError as exc:  # --nproc 4 beside --workers 2,8: say which cell
-                            raise UsageError(exc.field, f"{exc.problem} (cell {run_name.rsplit('-s', 1)[0]})") from None
+                            raise _in_cell(exc, run_name) from None
                 earlier = labels.setdefault(strategy, {}).get(label)
                 if earlier is not None:  # --vary values that spell one folder name
                     spelled = [",".join(f"{key}={value}" for key, value in v.items()) for v in (earlier, variant)]
@@ -290,12 +290,19 @@ def _cell_state(config: RunConfig) -> str:
     return "new"
 
 
-def _check_cells(configs: list[RunConfig], states: list[str]) -> None:
-    """Refuse the grid if a cell still to run would be refused by its strategy for this data or model
-    (psl's worker bound from the class count, ist's units per worker, sil's cuts), before any cell runs:
-    the grid would otherwise train the other cells first and only then record that one as failed."""
+def _in_cell(exc: UsageError, run_name: str) -> UsageError:
+    """``exc`` naming the grid cell (the run name without its seed) it was raised for."""
+    return UsageError(exc.field, f"{exc.problem} (cell {run_name.rsplit('-s', 1)[0]})")
+
+
+def _checked_states(configs: list[RunConfig]) -> list[str]:
+    """Each cell's state (:func:`_cell_state`), once every cell still to run has passed the checks its run
+    would start with (psl's worker bound from the class count, ist's units per worker, sil's cuts, the
+    data's files): the grid would otherwise train the other cells first and only then record that one as
+    failed."""
     from pnnctl.trainer import check_run
 
+    states = [_cell_state(config) for config in configs]
     checked: set[tuple[str, str, int, str]] = set()
     for config, state in zip(configs, states, strict=True):
         cell = (config.strategy, config.dataset, config.workers, config.variant)  # seeds share their checks
@@ -305,7 +312,8 @@ def _check_cells(configs: list[RunConfig], states: list[str]) -> None:
         try:
             check_run(config)
         except UsageError as exc:
-            raise UsageError(exc.field, f"{exc.problem} (cell {config.run_id.rsplit('-s', 1)[0]})") from None
+            raise _in_cell(exc, config.run_id) from None
+    return states
 
 
 def compare(
@@ -327,8 +335,7 @@ def compare(
     warnings: list[tuple[str, str]] = []
     with grid_lock(folder):
         # Every cell is checked against what its folder holds before anything is written or run.
-        states = [_cell_state(config) for config in configs]
-        _check_cells(configs, states)
+        states = _checked_states(configs)
         atomic_write_text(folder / "grid.toml", _grid_toml(layers, grid, command))
         for index, (config, state) in enumerate(zip(configs, states, strict=True)):
             if on_cell is not None:
@@ -501,9 +508,7 @@ def compare_from_cli(
     if dry_run:
         folder = Path(layers.get("out", "results")) / grid.name
         configs = cell_configs(layers, grid, folder)
-        states = [_cell_state(config) for config in configs]
-        _check_cells(configs, states)
-        for config, state in zip(configs, states, strict=True):
+        for config, state in zip(configs, _checked_states(configs), strict=True):
             console.print(f"{Path(config.out) / config.run_id}  [{state}]", highlight=False, markup=False)
         return None
 
