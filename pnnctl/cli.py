@@ -28,8 +28,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Compare ways of cutting neural-network training across workers.",
 )
-console = Console(stderr=True)
-out_console = Console()
+# Without markup: run names, option docs (``alpha[n]``) and warnings are printed as they are written.
+console = Console(stderr=True, markup=False)
+out_console = Console(markup=False)
 
 
 def _interactive() -> bool:
@@ -51,10 +52,10 @@ class CliProgress:
             from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._progress = Progress(
-                TextColumn("{task.description}"),
+                TextColumn("{task.description}", markup=False),
                 BarColumn(),
                 TextColumn("epoch {task.completed:.2f}/{task.total:g}"),
-                TextColumn("{task.fields[status]}"),
+                TextColumn("{task.fields[status]}", markup=False),
                 TimeRemainingColumn(),
                 console=console,
                 transient=False,
@@ -98,10 +99,10 @@ class GridProgress:
             from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
             self._progress = Progress(
-                TextColumn("{task.description}"),
+                TextColumn("{task.description}", markup=False),
                 BarColumn(),
                 MofNCompleteColumn(),
-                TextColumn("{task.fields[status]}"),
+                TextColumn("{task.fields[status]}", markup=False),
                 TimeRemainingColumn(),
                 console=console,
             )
@@ -161,7 +162,7 @@ OptimizerOpt = Annotated[str | None, typer.Option(help="sgd | adam | adamw")]
 DeviceOpt = Annotated[str | None, typer.Option(help="auto | cpu | cuda | cuda:K")]
 PrecisionOpt = Annotated[str | None, typer.Option(help="fp32 | tf32 (CUDA) | bf16 (autocast; default fp32)")]
 OutOpt = Annotated[str | None, typer.Option(help="results folder (default results/)")]
-ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML file of run fields and [strategy] tables")]
+ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML file of run fields and \\[strategy] tables")]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", help="KEY=VALUE override, e.g. ist.local_steps=20")]
 TargetOpt = Annotated[float | None, typer.Option("--target-acc", help="accuracy (0-1) to report time-to")]
 ShardOpt = Annotated[str | None, typer.Option(help="iid | dirichlet:ALPHA | by-class")]
@@ -229,7 +230,7 @@ def train(
     if dry_run:
         from pnnctl.config import config_to_dict, to_toml
 
-        out_console.print(to_toml(config_to_dict(cfg)), highlight=False, markup=False, end="")
+        out_console.print(to_toml(config_to_dict(cfg)), highlight=False, end="")
         return
     from pnnctl.launch import run_training
 
@@ -306,7 +307,7 @@ def _exit_for_status(status: str, summary: dict[str, Any]) -> None:
         command = _command_line()
         if "--resume" not in sys.argv:
             command += " --resume"
-        console.print(f"interrupted; resume with: {command}", highlight=False, markup=False, soft_wrap=True)
+        console.print(f"interrupted; resume with: {command}", highlight=False, soft_wrap=True)
         signame = summary.get("signal", "SIGINT")
         raise typer.Exit(128 + int(getattr(signal, signame, signal.SIGINT)))
     if status == "diverged":
@@ -379,7 +380,7 @@ def compare(
         grid_progress.close()
         signame = getattr(exc, "signal_name", "SIGINT")
         console.print(f"interrupted; rerun the same command to continue (finished cells are skipped, a stopped "
-                      f"one resumes): {_command_line()}", highlight=False, markup=False, soft_wrap=True)
+                      f"one resumes): {_command_line()}", highlight=False, soft_wrap=True)
         raise typer.Exit(128 + int(getattr(signal, signame, signal.SIGINT))) from None
     finally:
         grid_progress.close()
@@ -518,10 +519,10 @@ def main(argv: list[str] | None = None) -> None:
         # standalone_mode=False hands back the exit code of typer.Exit instead of raising it.
         code = app(args=argv, standalone_mode=False)
     except UsageError as exc:
-        console.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
+        console.print(f"error: {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except RankFailed as exc:  # the ranks' own tracebacks are in the message; the launcher's adds nothing
-        console.print(f"error: {exc}", highlight=False, markup=False, soft_wrap=True)
+        console.print(f"error: {exc}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         sys.exit(130)
@@ -529,7 +530,7 @@ def main(argv: list[str] | None = None) -> None:
         exc.show()
         sys.exit(0)
     except click_errors.ClickException as exc:
-        console.print(f"error: {exc.format_message()}", highlight=False, markup=False, soft_wrap=True)
+        console.print(f"error: {exc.format_message()}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)

@@ -248,3 +248,43 @@ def test_a_grids_warnings_are_printed_once_per_cell_with_the_seeds_that_gave_the
         ("local-sgd-digits-w4-s0", "long rounds"), ("local-sgd-digits-w2-local_steps=5-s3", "long rounds"),
         ("notebook-run", "long rounds"),
     ]
+
+
+def test_help_shows_every_bracketed_word_of_the_options(cli) -> None:
+    """Rich reads ``[word]`` in a help text as markup and drops it unless escaped."""
+    import re
+
+    import typer
+
+    from pnnctl.cli import app
+
+    checked = 0
+    for name, command in typer.main.get_command(app).commands.items():  # type: ignore[attr-defined]
+        texts = [command.help or "", *(getattr(param, "help", None) or "" for param in command.params)]
+        bracketed = {word for text in texts for word in re.findall(r"\[[a-z][^\]]*\]", text.replace("\\[", "["))}
+        shown = cli(name, "--help")
+        assert shown.code == 0
+        for word in bracketed:
+            assert word in shown.out, f"{word} is missing from `pnnctl {name} --help`"
+        checked += len(bracketed)
+    assert checked  # --config's "[strategy] tables" at least
+
+
+def test_list_shows_every_bracketed_word_of_the_descriptions(cli) -> None:
+    """``alpha[n+1] = alpha[n]`` in consensus's option docs must not be read as rich markup."""
+    import dataclasses
+    import re
+
+    from pnnctl.config import field_docs
+    from pnnctl.models import MODEL_FAMILIES
+
+    texts = [*DATASETS.values(), *(family.description for family in MODEL_FAMILIES.values())]
+    for cls in STRATEGIES.values():
+        docs = field_docs(cls.Options)
+        texts += [cls.summary, *(docs.get(f.name, "") for f in dataclasses.fields(cls.Options))]
+    bracketed = {word for text in texts for word in re.findall(r"\[[a-z][^\]]*\]", text)}
+    assert "[n+1]" in bracketed
+    shown = cli("list")
+    assert shown.code == 0
+    missing = [word for word in bracketed if word not in shown.out]
+    assert not missing, f"`pnnctl list` dropped {missing}"
