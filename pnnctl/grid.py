@@ -401,7 +401,10 @@ def report_folder(
     if (folder / "runs").is_dir():
         write_summary_csv(folder, cells)
     figures = plot_folder(folder, network=network, scaling_metric=scaling_metric, metrics=as_run) if draw else []
-    fastest = fastest_to_target(as_run, target_acc, list(NETWORK_PRESETS.values())) if target_acc else None
+    fastest = None
+    if target_acc:
+        tasks = _synthetic_tasks(folder, as_run)
+        fastest = fastest_to_target(as_run, target_acc, list(NETWORK_PRESETS.values()), tasks)
     produced_by, redrawn_by = command, None
     grid_command = _grid_command(folder)
     if grid_command and grid_command != command:  # a report redrawn by `pnnctl plot`
@@ -422,6 +425,24 @@ def report_folder(
         projection=projection_text(as_run, network),
     )
     return [*figures, report]
+
+
+def _synthetic_tasks(folder: Path, metrics: pd.DataFrame) -> dict[str, str]:
+    """``synthetic (classes=2)`` for each synthetic run, naming the options in which the folder's synthetic
+    runs differ (none where they share one task): each set of options draws another task."""
+    run_ids = sorted(set(metrics.loc[metrics["dataset"] == "synthetic", "run_id"]))
+    options: dict[str, dict[str, Any]] = {}
+    single_run = (folder / "metrics.csv").is_file()
+    for run_id in run_ids:
+        config_file = (folder if single_run else folder / "runs" / run_id) / "config.toml"
+        if config_file.is_file():
+            options[run_id] = load_toml(config_file).get("synthetic", {})
+    differing = [key for key in dict.fromkeys(k for values in options.values() for k in values)
+                 if len({repr(values.get(key)) for values in options.values()}) > 1]  # fmt: skip
+    if not differing:
+        return {}
+    return {run_id: "synthetic ({})".format(",".join(f"{key}={values.get(key)}" for key in differing))
+            for run_id, values in options.items()}  # fmt: skip
 
 
 def _target_from_folder(folder: Path) -> float | None:

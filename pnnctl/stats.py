@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import re
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -375,15 +376,19 @@ def projection_text(metrics: pd.DataFrame, network: NetworkModel | None) -> str:
 
 
 def fastest_to_target(
-    runs_metrics: pd.DataFrame, target_acc: float, networks: list[NetworkModel]
+    runs_metrics: pd.DataFrame,
+    target_acc: float,
+    networks: list[NetworkModel],
+    tasks: Mapping[str, str] | None = None,
 ) -> pd.DataFrame:
     """For each network, each cell's mean projected seconds to reach ``target_acc`` and the fastest cell.
 
     ``runs_metrics`` is the per-row metrics table (as from :func:`load_metrics`). A cell's mean is
     over the seeds that reached the target (a cell counts if any seed did); NaN when none did.
     Rows are indexed by network name; ``fastest`` is NaN where no cell reached the target. A grid over
-    several datasets gets a ``fastest on DATASET`` column for each instead: a target accuracy is a
-    different bar on other data, so the winner is chosen among cells of one dataset.
+    several tasks gets a ``fastest on TASK`` column for each instead: a target accuracy is a
+    different bar on other data, so the winner is chosen among cells of one task. A run's task is
+    its dataset unless ``tasks`` (run_id -> name) says more, as for synthetic data of other shapes.
     """
     target = _check_target(target_acc)
     if target is None:
@@ -393,10 +398,13 @@ def fastest_to_target(
     cells = sorted(frame["cell"].unique(), key=_natural_key)
     first = _first_reaching(frame, target)
     run_cells = frame.groupby("run_id", sort=False)["cell"].first()
-    cell_datasets = frame.groupby("cell")["dataset"].first().astype(str)
-    datasets = sorted(cell_datasets.unique(), key=_natural_key)
-    winners = {"fastest": cells} if len(datasets) == 1 else {
-        f"fastest on {dataset}": [cell for cell in cells if cell_datasets[cell] == dataset] for dataset in datasets
+    frame["task"] = frame["dataset"].astype(str)
+    if tasks:
+        frame["task"] = frame["run_id"].map(tasks).fillna(frame["task"])
+    cell_tasks = frame.groupby("cell")["task"].first()
+    task_names = sorted(cell_tasks.unique(), key=_natural_key)
+    winners = {"fastest": cells} if len(task_names) == 1 else {
+        f"fastest on {task}": [cell for cell in cells if cell_tasks[cell] == task] for task in task_names
     }
     rows: dict[str, dict[str, object]] = {}
     for network in networks:

@@ -276,3 +276,18 @@ def test_compare_prints_the_warnings_of_the_cells_it_ran(cli, tmp_path: Path) ->
     assert as_json.code == 0, as_json.err
     assert [line for line in as_json.err_lines if line.startswith("warning: ")] == [warning]
     assert [cell["strategy"] for cell in json.loads(as_json.out)] == ["local-sgd"]
+
+
+def test_a_grid_over_synthetic_options_chooses_the_fastest_within_each_task(cli, tmp_path: Path) -> None:
+    # Two classes and ten are different tasks under one dataset name: 50% is chance for one and a
+    # good result for the other, so one winner over both would compare unlike things.
+    result = cli("compare", "--strategies", "local-sgd,allreduce", "--workers", "2", "--datasets", "synthetic",
+                 "--vary", "synthetic.classes=2,10", "--set", "synthetic.samples=400", "--epochs", "0.5",
+                 "--target-acc", "0.1", "--no-plots", "--out", tmp_path)  # fmt: skip
+    assert result.code == 0, result.err
+    text = (tmp_path / "compare" / "report.md").read_text()
+    rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| **fastest")]
+    fastest = {row[0].removeprefix("| "): row[1] for row in rows}
+    assert list(fastest) == ["**fastest on synthetic (classes=2)**", "**fastest on synthetic (classes=10)**"]
+    assert fastest["**fastest on synthetic (classes=2)**"].endswith("classes=2")
+    assert fastest["**fastest on synthetic (classes=10)**"].endswith("classes=10")
