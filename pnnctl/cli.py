@@ -390,6 +390,7 @@ def compare(
         out_console.print_json(json_text(outcome.cells.to_dict(orient="records")))
     else:
         from pnnctl.report import render_table
+        from pnnctl.stats import variant_names_model
 
         # The terminal gets the headline columns; summary.csv and report.md hold all of them.
         headline = ("strategy", "workers", "final acc", "best acc", "MB sent/worker", "projected s", "reached")
@@ -403,7 +404,7 @@ def compare(
                  if len({cell[index] for cell in parts if len(cell) > index}) > 1]
         variants = ["/".join(cell[4:]) for cell in parts]
         varied = any(variants)
-        if any(re.search(r"(^|,)model=", variant) for variant in variants):
+        if any(variant_names_model(row.get("cell", "")) for row in table_rows):
             shown = [(name, index) for name, index in shown if name != "model"]  # the variant names it
         # A diverged or failed run shows as "—": the statuses say why, where any run did not finish.
         unfinished = any(row.get("run statuses", "").partition(":")[0] not in ("", "finished")

@@ -179,6 +179,8 @@ def cell_labels(cells: pd.DataFrame) -> dict[str, str]:
     (a table written by hand) is kept as it is.
     """
     varying = [column for column in _LABEL_PARTS if cells[column].nunique(dropna=False) > 1]
+    if any(variant_names_model(str(cell)) for cell in cells["cell"]):  # "model=..." says it already
+        varying = [column for column in varying if column != "model"]
     labels: dict[str, str] = {}
     for row in cells.itertuples(index=False):
         cell = str(row.cell)
@@ -193,6 +195,12 @@ def cell_labels(cells: pd.DataFrame) -> dict[str, str]:
         parts += [cell[len(built) + 1:]] if cell != built else []  # the --vary values
         labels[cell] = " · ".join(parts)
     return labels
+
+
+def variant_names_model(cell: str) -> bool:
+    """Whether a cell name's ``--vary`` values (after ``strategy/dataset/model/wN/``) include the model."""
+    variant = "/".join(cell.split("/")[4:])
+    return re.search(r"(^|,)model=", variant) is not None
 
 
 def shared_cell_parts(cells: pd.DataFrame) -> list[str]:

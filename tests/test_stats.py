@@ -277,6 +277,15 @@ def test_cell_labels_keep_only_what_differs_between_cells() -> None:
     )
     assert list(cell_labels(two_tasks).values()) == ["ist · digits", "ist · synthetic"]
     assert shared_cell_parts(two_tasks) == ["model mlp", "4 workers"]
+    # A grid over --vary model: the variant names each cell's model, so the label does not again.
+    spec = "mlp:64-32-10,bias=false"
+    two_models = cells(
+        ("local-sgd", "digits", "mlp:64-16-10", 2, "local-sgd/digits/mlp:64-16-10/w2/model=mlp:64-16-10"),
+        ("local-sgd", "digits", spec, 2, f"local-sgd/digits/{spec}/w2/model={spec},lr=0.1"),
+    )
+    assert list(cell_labels(two_models).values()) == [
+        "local-sgd · model=mlp:64-16-10", f"local-sgd · model={spec},lr=0.1"
+    ]
 
 
 def test_fastest_is_nan_when_nobody_reaches() -> None:
