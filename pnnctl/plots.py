@@ -290,6 +290,17 @@ def _fig_extra(metrics: pd.DataFrame, cells: pd.DataFrame, labels: dict, styles:
     return fig
 
 
+def _error_bars(std: float | np.ndarray) -> float | np.ndarray | None:
+    """Where the seeds spread, the std; NaN (no bar) elsewhere, and None where nothing spreads, so that
+    the legend shows a plain marker. One seed has no spread to show, and a zero-height cap drawn where
+    every seed agrees (analytic sizes, a single seed) reads as a measured spread."""
+    std = np.asarray(std, dtype=float)
+    spread = std > 0
+    if not spread.any():
+        return None
+    return np.where(spread, std, np.nan) if std.ndim else float(std)
+
+
 def pareto_front(x: Sequence[float], y: Sequence[float]) -> list[int]:
     """Indices of the points not dominated by another (less or equal x and higher y), by ascending x."""
     points = [(float(xi), float(yi), i) for i, (xi, yi) in enumerate(zip(x, y, strict=True))]
@@ -315,8 +326,8 @@ def _fig_pareto(summary: pd.DataFrame, labels: dict, styles: dict) -> Figure:
         ax.errorbar(
             x[i],
             y[i],
-            xerr=None if np.isnan(xerr[i]) else xerr[i],
-            yerr=None if np.isnan(yerr[i]) else yerr[i],
+            xerr=_error_bars(xerr[i]),
+            yerr=_error_bars(yerr[i]),
             color=style["color"],
             marker=style["marker"],
             markersize=7,
@@ -362,9 +373,7 @@ def _fig_memory(summary: pd.DataFrame, labels: dict, styles: dict) -> Figure:
     for ax, column, scale, ylabel, title in panels:
         means = summary[f"{column}_mean"].to_numpy(float) / scale
         stds = summary[f"{column}_std"].to_numpy(float) / scale
-        # No bar where there is no spread (one seed; analytic sizes are the same for every seed): a cap of
-        # zero height drawn on every bar read as a measured, exact spread.
-        ax.bar(positions, np.nan_to_num(means), yerr=np.where(stds > 0, stds, np.nan), color=colors, capsize=3)
+        ax.bar(positions, np.nan_to_num(means), yerr=_error_bars(stds), color=colors, capsize=3)
         ax.set_xticks(positions, names, rotation=30, ha="right", fontsize="small")
         ax.set_title(f"{title} (mean ± std over seeds)")
         ax.set_ylabel(ylabel)
@@ -410,11 +419,10 @@ def _fig_scaling(
         xs = stats.index.to_numpy(float)
         color = styles_by_strategy[strategy]
         for ax, column in ((left, "final_pct"), (right, "mb")):
-            std = stats[(column, "std")].to_numpy(float)
             ax.errorbar(
                 xs,
                 stats[(column, "mean")].to_numpy(float),
-                yerr=np.where(np.isnan(std), 0.0, std),
+                yerr=_error_bars(stats[(column, "std")].to_numpy(float)),
                 color=color,
                 linestyle=_LINESTYLES[task % len(_LINESTYLES)],
                 marker=_MARKERS[task % len(_MARKERS)],

@@ -237,11 +237,45 @@ def test_memory_bars_get_error_bars_only_where_seeds_differ() -> None:
     )
     fig = _fig_memory(cells, {cell: cell for cell in cells["cell"]}, _cell_styles(cells))
     bars = [next(c for c in ax.containers if isinstance(c, BarContainer)) for ax in fig.axes]
-    caps = [np.asarray(panel.errorbar.lines[1][0].get_ydata(), float) for panel in bars]  # the lower caps
     plt.close(fig)
     # One seed (NaN) and no spread (0) draw nothing: a zero-height cap on every bar read as an exact spread.
-    assert np.isnan(caps[0]).all()
-    assert np.isnan(caps[1][[0, 1, 3]]).all() and caps[1][2] == pytest.approx(10.0)  # 12 MB - 2 MB
+    assert bars[0].errorbar is None
+    lower_caps = np.asarray(bars[1].errorbar.lines[1][0].get_ydata(), float)
+    assert np.isnan(lower_caps[[0, 1, 3]]).all() and lower_caps[2] == pytest.approx(10.0)  # 12 MB - 2 MB
+
+
+def _drawn_caps(container: object) -> int:
+    """How many error-bar caps of a matplotlib ErrorbarContainer have a place on the axes (NaN: none)."""
+    caps = container.lines[1]  # type: ignore[attr-defined]
+    return sum(int((np.isfinite(np.asarray(cap.get_xdata(), float)) & np.isfinite(np.asarray(cap.get_ydata(), float)))
+                   .sum()) for cap in caps)  # fmt: skip
+
+
+def test_pareto_points_get_error_bars_only_where_seeds_differ() -> None:
+    from pnnctl.plots import _cell_styles, _fig_pareto
+
+    cells = _two_dataset_cells().assign(
+        bytes_sent_max_worker_std=[np.nan, 0.0, 0.0, 1e5], final_acc_std=[np.nan, 0.0, 0.01, 0.02], n_seeds=2
+    )
+    fig = _fig_pareto(cells, {cell: cell for cell in cells["cell"]}, _cell_styles(cells))
+    caps = {container.get_label().split(" (")[0]: _drawn_caps(container) for container in fig.axes[0].containers}
+    plt.close(fig)
+    # Two caps per drawn bar: one seed (NaN) and agreeing seeds (0) draw none; bytes and accuracy apart.
+    assert caps == {"a/easy/mlp/w2": 0, "b/easy/mlp/w2": 0, "a/hard/mlp/w2": 2, "b/hard/mlp/w2": 4}
+
+
+def test_scaling_lines_get_error_bars_only_where_seeds_differ() -> None:
+    from pnnctl.plots import _fig_scaling
+
+    runs = pd.DataFrame({
+        "strategy": "a", "dataset": "d", "model": "mlp", "workers": [2, 4, 4, 8, 8],
+        "final_acc": [0.5, 0.6, 0.7, 0.8, 0.8], "bytes_sent_max_worker": [1e6, 2e6, 2e6, 4e6, 5e6],
+    })
+    fig = _fig_scaling(runs, strategy_colors(["a"]))
+    caps = [_drawn_caps(next(iter(ax.containers))) for ax in fig.axes]
+    plt.close(fig)
+    # Accuracy spreads at 4 workers only, bytes at 8 only; 2 workers has one seed: two caps a panel.
+    assert caps == [2, 2]
 
 
 def test_scaling_lines_of_one_strategy_on_two_datasets_differ_in_style() -> None:
