@@ -1,17 +1,19 @@
 """Network models that turn the ledger's message and byte counts into projected seconds.
 
-A round's communication time is that of its busiest worker::
+A round's communication time is that of its busiest node (a worker, or the master of strategies
+that have one)::
 
-    comm_s(round) = max_w ( messages_w * latency_s + bytes_sent_w / bandwidth_Bps )
+    comm_s(round) = max_node ( messages * latency_s + max(bytes_sent, bytes_recv) / bandwidth_Bps )
 
-which assumes every worker has its own full-duplex link of the given bandwidth and that a worker's
-messages in one round go out one after another (the usual alpha-beta model).
+which assumes every node has its own full-duplex link of the given bandwidth (sending and receiving
+overlap) and that a node's messages in one round go out one after another (the alpha-beta model).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Any
 
 from pnnctl.errors import UsageError
 
@@ -22,9 +24,10 @@ class NetworkModel:
     latency_s: float
     bandwidth_bytes_per_s: float
 
-    def seconds(self, messages: float, bytes_sent: float) -> float:
-        """Projected seconds for one worker that sends ``messages`` messages of ``bytes_sent`` in all."""
-        return messages * self.latency_s + bytes_sent / self.bandwidth_bytes_per_s
+    def seconds(self, messages: Any, bytes_moved: Any) -> Any:
+        """Projected seconds of a node that sends ``messages`` messages and moves ``bytes_moved`` each way
+        at most (scalars or arrays alike)."""
+        return messages * self.latency_s + bytes_moved / self.bandwidth_bytes_per_s
 
 
 #: Presets: (one-way latency in seconds, bandwidth in bytes per second).

@@ -284,7 +284,8 @@ def write_report(
         lines += ["## Fastest to target per network", ""]
         lines.append(
             f"Mean projected seconds to reach {target_text} under each network model (columns), re-projected from the "
-            "busiest worker's cumulative messages and bytes (an approximation of the per-round model). "
+            "busiest node's cumulative messages and bytes (a worker, or the master where there is one; it agrees with "
+            "the run's own projection where one node is the busiest every round). "
             "Means are over the seeds that reached the target; — means no seed did."
         )
         lines.append("")

@@ -40,6 +40,7 @@ METRIC_COLUMNS: tuple[str, ...] = (
     "wire_bytes_sent_max_rank",  # bytes handed to torch.distributed by the busiest rank (0 when simulated)
     "bytes_sent_master",  # a parameter-server master (ledger slot N); 0 for strategies without one
     "bytes_recv_master",
+    "messages_master",
     "status",  # running | finished | diverged | interrupted
     "extras",  # JSON object of strategy-specific figures (consensus_error, ...)
 )

@@ -353,19 +353,30 @@ def _natural_key(text: str) -> list[float | str]:
 def project_time(metrics: pd.DataFrame, network: NetworkModel) -> pd.Series:
     """Projected seconds of every row as if the run had used ``network``.
 
-    ``worker_compute_s + messages_max_worker * latency + bytes_sent_max_worker / bandwidth``, from the
-    cumulative busiest-worker totals. This is an approximation of the run's own ``comm_s``: that
-    one sums the per-round maximum over workers, so when the busiest worker changes between rounds
-    it is larger than this figure (the sum of maxima is at least the maximum of sums). For
-    strategies whose traffic is symmetric across workers the two agree.
+    ``worker_compute_s`` plus the busiest node's time from the cumulative totals, a node being the
+    busiest worker (``messages_max_worker``, the larger of ``bytes_sent_max_worker`` and
+    ``bytes_recv_max_worker``) or the master (``messages_master``, ``bytes_*_master``), with the
+    ledger's formula (:mod:`pnnctl.network`). This approximates the run's own ``comm_s``, which sums
+    each round's busiest node: where the busiest node changes between rounds that sum is larger (the
+    sum of maxima is at least the maximum of sums); where one node is the busiest every round (a
+    master, or workers with symmetric traffic) the two agree. Tables from before ``messages_master``
+    count no master messages.
     """
-    seconds = network.seconds(
-        metrics["messages_max_worker"].astype(float), metrics["bytes_sent_max_worker"].astype(float)
+
+    def column(name: str) -> pd.Series:
+        values = metrics[name] if name in metrics else pd.Series(np.nan, index=metrics.index)
+        return values.astype(float).fillna(0.0)
+
+    busiest_worker = network.seconds(
+        column("messages_max_worker"), np.maximum(column("bytes_sent_max_worker"), column("bytes_recv_max_worker"))
+    )
+    master = network.seconds(
+        column("messages_master"), np.maximum(column("bytes_sent_master"), column("bytes_recv_master"))
     )
     compute = metrics["compute_s"].astype(float)
     if "worker_compute_s" in metrics:  # tables from before that column: the whole simulation's compute
         compute = metrics["worker_compute_s"].astype(float).fillna(compute)
-    return (compute.astype(float) + seconds).rename("projected_s")
+    return (compute + np.maximum(busiest_worker, master)).rename("projected_s")
 
 
 def reproject(metrics: pd.DataFrame, network: NetworkModel | None) -> pd.DataFrame:

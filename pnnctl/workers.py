@@ -115,6 +115,7 @@ class Ledger:
             "bytes_recv_master": float(self.recv[self.n_workers]),
             "messages_total": float(self.messages.sum()),
             "messages_max_worker": float(self.messages[workers].max()),
+            "messages_master": float(self.messages[self.n_workers]),
             "comm_s": self.comm_s,
         }
 

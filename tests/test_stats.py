@@ -347,3 +347,28 @@ def test_csv_without_metrics_columns(tmp_path: Path) -> None:
     (tmp_path / "metrics.csv").write_text("a,b\n1,2\n", encoding="utf-8")
     with pytest.raises(UsageError, match="lacks the metrics columns"):
         load_metrics(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("strategy", "fields"),
+    [
+        ("psl", dict(model="psnet", workers=3, batch_size=20, optimizer="adam", lr=1e-3)),  # a master
+        ("ist", dict(model="mlp:64-32-10", workers=2)),  # a master
+        ("allreduce", dict(model="mlp:64-32-10", workers=4)),  # symmetric workers
+    ],
+)
+@pytest.mark.parametrize("network", ["lan-1g", "wan"])
+def test_reprojecting_a_run_on_its_own_network_gives_its_projected_time(
+    strategy: str, fields: dict, network: str, tmp_path: Path
+) -> None:
+    # The master sends and receives most of psl's and ist's bytes: a projection from the busiest
+    # worker alone put psl at a third of its own projected time on the same network.
+    import pnnctl
+    from pnnctl.config import RunConfig
+
+    config = RunConfig(strategy=strategy, dataset="digits", epochs=0.3, eval_every=0.1, device="cpu",
+                       network=network, out=str(tmp_path), **fields)  # fmt: skip
+    metrics, _ = pnnctl.run(config)
+    assert float(metrics["bytes_recv_master"].iloc[-1]) > 0 or strategy == "allreduce"
+    reprojected = project_time(metrics, NETWORK_PRESETS[network])
+    assert list(reprojected) == pytest.approx(list(metrics["projected_s"].astype(float)), rel=1e-6, abs=1e-5)
