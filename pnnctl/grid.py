@@ -283,11 +283,25 @@ def _cell_state(config: RunConfig) -> str:
         except (OSError, json.JSONDecodeError):
             status = None
         if status in ("finished", "diverged"):
-            longer = stored is not None and any(stored.get(k) != asked.get(k) for k in ("epochs", "budget"))
-            return "extend" if longer else "done"
+            if stored is None or all(stored.get(k) == asked.get(k) for k in ("epochs", "budget")):
+                return "done"
+            return _finished_state(stored, config, summary, run_dir)
     if (run_dir / "checkpoint.pt").exists() or (run_dir / "metrics.csv").exists():
         return "partial"
     return "new"
+
+
+def _finished_state(stored: dict[str, Any], config: RunConfig, summary: Path, run_dir: Path) -> str:
+    """done or extend for a finished run asked for other epochs or budget (an error if it would be cut back)."""
+    from pnnctl.trainer import budget_reached_on_resume
+
+    final = json.loads(summary.read_text()).get("final", {})
+    samples, epoch = float(final.get("samples_seen", 0)), float(final.get("epoch", 0))
+    if not samples or not epoch:
+        return "extend"
+    spent = {"samples": samples, "bytes": float(final.get("bytes_sent_max_worker", 0)),
+             "seconds": float(final.get("compute_s", 0))}  # fmt: skip
+    return "done" if budget_reached_on_resume(stored, config, spent, round(samples / epoch), run_dir) else "extend"
 
 
 def _in_cell(exc: UsageError, run_name: str) -> UsageError:

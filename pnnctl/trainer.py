@@ -284,6 +284,31 @@ def _budget_reached(config: RunConfig, state: LoopState, ledger: Ledger, n_train
     return any(spent[kind] >= limit for kind, limit in _limits(config, n_train).items())
 
 
+def budget_reached_on_resume(
+    before: Mapping[str, Any], config: RunConfig, spent: Mapping[str, float], n_train: int, run_dir: Path
+) -> bool:
+    """Whether a run trained under ``before`` (its config_to_dict view) that has ``spent`` this much
+    (samples, busiest worker's bytes, compute seconds) has nothing left to train under ``config``.
+
+    A run that went past a limit ``config`` lowers cannot be cut back: a usage error, since reporting it
+    would show a longer run's results under the shorter command (and a resumed run used to train one
+    more step past it)."""
+    import dataclasses
+
+    earlier = dataclasses.replace(config, epochs=float(before.get("epochs", config.epochs)),
+                                  budget=str(before.get("budget", config.budget)))  # fmt: skip
+    old, new = _limits(earlier, n_train), _limits(config, n_train)
+    for kind, limit in new.items():
+        if spent[kind] > limit and limit < old.get(kind, math.inf):
+            key = "epochs" if kind == "samples" and config.epochs != earlier.epochs else "budget"
+            trained = {"samples": f"{spent['samples'] / n_train:.4g} epochs", "bytes": f"{spent['bytes']:.4g} bytes",
+                       "seconds": f"{spent['seconds']:.4g} s of compute"}[kind]  # fmt: skip
+            raise UsageError(key, f"{run_dir} was trained to {trained} (epochs={earlier.epochs:g}, budget="
+                                  f"{earlier.budget}) and cannot be cut back to epochs={config.epochs:g}, budget="
+                                  f"{config.budget}; give it another --out or name, or delete that run folder")
+    return any(spent[kind] >= limit for kind, limit in new.items())
+
+
 def _unused_settings(config: RunConfig, strategy: Strategy, simulated: bool) -> list[str]:
     """Notes naming the fields set away from their defaults that this run does not read: those the strategy
     says it ignores, and the backend of a run simulated in one process."""
@@ -497,6 +522,7 @@ def train(
         strategy.load_state_dict(saved["strategy"])
         ledger.load_state_dict(saved["ledger"])
         state = LoopState(**saved["loop"])
+        budget_reached_on_resume(saved["config"], config, _spent(state, ledger), len(y_train), run_dir)
         torch.set_rng_state(saved["torch_rng"])
         if main:
             if repair_csv_tail(metrics_path):

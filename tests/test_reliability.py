@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -148,6 +149,29 @@ def test_a_grid_rerun_with_more_epochs_extends_its_finished_cells(cli, tmp_path:
         assert "epochs = 2.0" in (run / "config.toml").read_text()
     again = cli(*two_epochs)
     assert again.code == 0 and again.err.count("already finished, skipped") == 2
+
+
+def test_a_grid_rerun_with_fewer_epochs_or_a_smaller_budget_is_refused(cli, tmp_path: Path) -> None:
+    # Its finished cells trained further than asked: reporting them under the shorter command would show
+    # a longer run's results, and calling them "extend" would promise training that never came.
+    assert cli(*GRID, "--epochs", "2", "--out", tmp_path, "--no-plots").code == 0
+    folder = tmp_path / "grid"
+    before = {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    trained = float(pd.read_csv(folder / "runs" / "local-sgd-digits-w2-s0" / "metrics.csv")["epoch"].iloc[-1])
+    for shorter in (["--epochs", "1"], ["--epochs", "2", "--budget", "samples=500"], ["--epochs", "1", "--dry-run"]):
+        refused = cli(*GRID, *shorter, "--out", tmp_path, "--no-plots")
+        assert refused.code == 2, (shorter, refused.err)
+        assert len(refused.err_lines) == 1 and "cannot be cut back" in refused.err
+        assert refused.err.startswith("error: budget: " if "--budget" in shorter else "error: epochs: ")
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
+    # A limit the runs already reached, though not lower than the one they ran under, is no extension.
+    reached = f"{math.floor(trained * 1e6) / 1e6:.6f}"  # metrics.csv rounds the epoch: not above the run's
+    listed = cli(*GRID, "--strategies", "local-sgd", "--epochs", reached, "--out", tmp_path, "--dry-run")
+    assert listed.code == 0 and "[done]" in listed.err and "[extend]" not in listed.err, listed.err
+    config = folder / "runs" / "local-sgd-digits-w2-s0" / "config.toml"
+    resumed = cli("train", "--config", config, "--epochs", "1", "--resume")
+    assert resumed.code == 2 and "cannot be cut back to epochs=1" in resumed.err, resumed.err
+    assert {p: p.read_bytes() for p in folder.rglob("*") if p.is_file()} == before
 
 
 def test_a_cell_that_fails_while_running_is_recorded_and_the_grid_goes_on(

@@ -3,6 +3,7 @@ SIGINT, divergence, and refusing to overwrite a run."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -686,15 +687,42 @@ def test_resuming_with_more_epochs_extends_the_run_and_its_config_file(small_con
     assert "epochs = 2.0" in (first.run_dir / "config.toml").read_text()
 
 
-def test_a_finished_run_resumed_with_a_smaller_budget_trains_no_further(small_config, tmp_path: Path) -> None:
-    done = train(small_config(strategy="centralized", epochs=5.0, budget="samples=700", checkpoint_every=1000,
-                              out=str(tmp_path)))  # fmt: skip
-    again = train(small_config(strategy="centralized", epochs=5.0, budget="samples=600", checkpoint_every=1000,
-                               out=str(tmp_path)), resume=True)  # fmt: skip
-    def progress(rows: list[dict]) -> list[tuple[int, int]]:
-        return [(int(r["round"]), int(r["samples_seen"])) for r in rows]
+@pytest.mark.parametrize("finished", [True, False])
+def test_a_run_resumed_with_a_smaller_budget_than_it_trained_is_refused(
+    finished: bool, small_config, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # It used to train another round (a killed run: one more step past the new budget) or report the
+    # longer run under the shorter budget (a finished one).
+    first = small_config(strategy="local-sgd", workers=2, epochs=5.0, budget="samples=700", eval_every=0.1,
+                         options={"local_steps": 2}, out=str(tmp_path))  # fmt: skip
+    import pnnctl.trainer
+    from pnnctl.errors import UsageError
 
-    assert progress(again.rows) == progress(done.rows)  # it used to train another round before checking
+    class Killed(Exception):
+        pass
+
+    rounds = itertools.count(1)
+
+    def killed_in_round_4(name: str) -> None:
+        if name == "round" and not finished and next(rounds) == 4:
+            raise Killed  # after round 3's checkpoint, as a SIGKILL would leave it
+
+    monkeypatch.setattr(pnnctl.trainer, "fault_point", killed_in_round_4)
+    with contextlib.suppress(Killed):
+        train(first)
+    run_dir = tmp_path / first.run_id
+    saved = load_checkpoint(run_dir / "checkpoint.pt")
+    assert saved["finished"] == finished
+    trained = int(saved["loop"]["samples"])
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    with pytest.raises(UsageError, match=r"budget: .* was trained to .* cannot be cut back to epochs=5, budget=sampl"):
+        train(dataclasses.replace(first, budget=f"samples={trained - 100}"), resume=True)
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    if finished:  # a budget it has just reached, and no lower than before, is no cut: the run stands
+        again = train(dataclasses.replace(first, budget=f"samples={trained}"), resume=True)
+        _, written = read_metrics(run_dir / "metrics.csv")
+        assert [int(row["samples_seen"]) for row in again.rows] == [int(row["samples_seen"]) for row in written]
+        assert int(written[-1]["samples_seen"]) == trained
 
 
 def test_a_second_stop_signal_stops_at_once_unless_it_is_the_same_request() -> None:
