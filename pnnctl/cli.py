@@ -7,7 +7,6 @@ Every user-fixable problem ends as one line on stderr and exit code 2; an interr
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import re
 import shlex
@@ -21,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from pnnctl.errors import RankFailed, UsageError
+from pnnctl.io import json_text
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -28,9 +28,10 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     help="Compare ways of cutting neural-network training across workers.",
 )
-# Without markup: run names, option docs (``alpha[n]``) and warnings are printed as they are written.
-console = Console(stderr=True, markup=False)
-out_console = Console(markup=False)
+# Without markup or emoji codes: run names, option docs (``alpha[n]``), warnings and the printed resume
+# command (``--run-name run:x:2``) come out as they are written.
+console = Console(stderr=True, markup=False, emoji=False)
+out_console = Console(markup=False, emoji=False)
 
 
 def _interactive() -> bool:
@@ -246,33 +247,23 @@ def train(
     _exit_for_status(result.status, result.summary)
 
 
-def _finite(value: Any) -> Any:
-    """NaN and infinities become null: they are not JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_finite(v) for v in value]
-    return value
-
-
-def json_text(value: Any) -> str:
-    return json.dumps(_finite(value), default=str, allow_nan=False)
-
-
 def _print_run(summary: dict[str, Any]) -> None:
     final = summary.get("final", {})
+
+    def number(values: dict[str, Any], key: str, default: float = 0.0) -> float:
+        value = values.get(key, default)
+        return float("nan") if value is None else float(value)  # summary.json writes NaN as null
+
     table = Table(title=f"{summary.get('run_id')} ({summary.get('status')})")
     for col in ("test acc", "best acc", "epochs", "bytes sent / worker", "compute s", "projected s"):
         table.add_column(col, justify="right")
     table.add_row(
-        f"{float(final.get('test_acc', float('nan'))) * 100:.2f}%",
-        f"{float(summary.get('best_test_acc', float('nan'))) * 100:.2f}%",
-        f"{float(final.get('epoch', 0)):.2f}",
-        _human_bytes(float(final.get("bytes_sent_max_worker", 0))),
-        f"{float(final.get('compute_s', 0)):.2f}",
-        f"{float(final.get('projected_s', 0)):.2f}",
+        f"{number(final, 'test_acc', math.nan) * 100:.2f}%",
+        f"{number(summary, 'best_test_acc', math.nan) * 100:.2f}%",
+        f"{number(final, 'epoch'):.2f}",
+        _human_bytes(number(final, "bytes_sent_max_worker")),
+        f"{number(final, 'compute_s'):.2f}",
+        f"{number(final, 'projected_s'):.2f}",
     )
     out_console.print(table)
 

@@ -279,6 +279,7 @@ def validate(config: RunConfig) -> RunConfig:
 
     plain = "/" not in config.run_name and config.run_name not in (".", "..") and no_control(config.run_name)
     require(plain, "run_name", "a plain folder name (no '/', no control characters)")
+    require(len(config.run_id.encode()) <= 255, "run_name", "a folder name of at most 255 bytes")
     require(no_control(config.out), "out", "a folder path without control characters")
     require(config.checkpoint_every >= 1, "checkpoint_every", "an integer >= 1")
     require(config.nproc >= 1, "nproc", "an integer >= 1")
@@ -342,6 +343,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise UsageError("config", f"cannot read {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise UsageError("config", f"{path} is not UTF-8 text (byte {exc.start}); TOML files are UTF-8") from None
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:

@@ -11,6 +11,7 @@ a failed or diverged one is recorded and the rest go on. A lock file refuses a s
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import os
@@ -82,10 +83,10 @@ class GridSpec:
         if unknown:
             raise UsageError(f"compare.{sorted(unknown)[0]}", f"unknown key; allowed: {', '.join(GRID_KEYS)}")
         spec = GridSpec(
-            strategies=tuple(values.get("strategies", GridSpec.strategies)),
-            workers=tuple(values.get("workers", GridSpec.workers)),
+            strategies=_listed(values, "strategies", str, GridSpec.strategies),
+            workers=_listed(values, "workers", int, GridSpec.workers),
             seeds=values.get("seeds", GridSpec.seeds),
-            datasets=tuple(values.get("datasets", ())),
+            datasets=_listed(values, "datasets", str, ()),
             name=values.get("name", GridSpec.name),
             vary=_vary_items(values.get("vary", {})),
         )
@@ -100,9 +101,27 @@ class GridSpec:
             raise UsageError("workers", f"must be integers >= 1, not {list(spec.workers)}")
         if not isinstance(spec.seeds, int) or spec.seeds < 1:
             raise UsageError("seeds", f"must be an integer >= 1, not {spec.seeds!r}")
-        if not spec.name or "/" in spec.name:
+        if not isinstance(spec.name, str) or not spec.name or "/" in spec.name or spec.name in (".", ".."):
             raise UsageError("name", f"must be a plain folder name, not {spec.name!r}")
         return spec
+
+
+def _listed(values: dict[str, Any], key: str, kind: type, default: tuple[Any, ...]) -> tuple[Any, ...]:
+    """A grid axis as a tuple: a TOML list, or one value (``workers = 4``) or comma-separated text
+    (``strategies = "allreduce,local-sgd"``) as on the command line."""
+    value = values.get(key, default)
+    if isinstance(value, str):
+        value = [part.strip() for part in value.split(",") if part.strip()]
+    elif not isinstance(value, list | tuple):
+        value = [value]
+    if kind is int and all(isinstance(item, str) for item in value):
+        with contextlib.suppress(ValueError):  # refused below, naming the values
+            value = [int(item) for item in value]
+    if any(not isinstance(item, kind) or isinstance(item, bool) for item in value):
+        examples = {"workers": "integers such as [2, 4, 8]", "strategies": 'names such as ["allreduce", "ist"]',
+                    "datasets": 'names such as ["digits", "synthetic"]'}  # fmt: skip
+        raise UsageError(key, f"must be {examples[key]}, not {values.get(key)!r}")
+    return tuple(value)
 
 
 @dataclass
@@ -187,14 +206,37 @@ def _vary_items(vary: Any) -> tuple[tuple[str, tuple[Any, ...]], ...]:
     return tuple(items)
 
 
-def _variants(strategy: str, vary: tuple[tuple[str, tuple[Any, ...]], ...]) -> list[dict[str, Any]]:
-    """The option combinations that apply to one strategy (keys of other strategies are skipped)."""
+#: Run fields every cell sets itself: a --vary over one would label identical runs differently.
+_CELL_FIELDS: dict[str, str] = {
+    "strategy": "list them with --strategies", "dataset": "list them with --datasets",
+    "workers": "list them with --workers", "seed": "ask for more with --seeds",
+    "run_name": "the grid names each run", "out": "the grid's runs go into its folder",
+    "variant": "the grid names each variant",
+}  # fmt: skip
+
+
+def _check_vary(grid: GridSpec, datasets: tuple[str, ...]) -> None:
+    """Each --vary key applies to some cell of the grid and is not one the cells set themselves."""
     from strategies import STRATEGIES
 
-    applicable = [(k, v) for k, v in vary if "." not in k or k.split(".")[0] in (strategy, "synthetic")]
-    for key, _ in vary:
-        if "." in key and key.split(".")[0] not in (*STRATEGIES, "synthetic"):
+    for key, _ in grid.vary:
+        section = key.split(".")[0] if "." in key else ""
+        if key in _CELL_FIELDS:
+            raise UsageError("vary", f"{key} is an axis of the grid itself: {_CELL_FIELDS[key]}")
+        if section and section not in (*STRATEGIES, "synthetic"):
             raise UsageError("vary", f"{key}: the section must be a strategy or synthetic")
+        if section == "synthetic" and "synthetic" not in datasets:
+            raise UsageError("vary", f"{key}: no dataset of the grid is synthetic ({', '.join(datasets)})")
+        if section in STRATEGIES and section not in grid.strategies:
+            raise UsageError("vary", f"{key}: {section} is not among the grid's strategies "
+                                     f"({', '.join(grid.strategies)})")
+
+
+def _variants(strategy: str, dataset: str, vary: tuple[tuple[str, tuple[Any, ...]], ...]) -> list[dict[str, Any]]:
+    """The option combinations that apply to one strategy on one dataset (keys of other strategies, and
+    synthetic.* on other data, are skipped)."""
+    applicable = [(k, v) for k, v in vary if "." not in k or k.split(".")[0] == strategy
+                  or (k.split(".")[0] == "synthetic" and dataset == "synthetic")]  # fmt: skip
     return [dict(zip([k for k, _ in applicable], combo, strict=True))
             for combo in itertools.product(*(values for _, values in applicable))]
 
@@ -210,12 +252,13 @@ def cell_configs(layers: dict[str, Any], grid: GridSpec, folder: Path) -> list[R
 
     configs = []
     datasets = grid.datasets or (layers.get("dataset", "mnist-small"),)
+    _check_vary(grid, datasets)
     for dataset in datasets:
         labels: dict[str, dict[str, dict[str, Any]]] = {}  # strategy -> variant folder label -> its values
         for strategy in grid.strategies:
             single = get_strategy(strategy).single_worker
             worker_counts = (1,) if single else grid.workers
-            for variant in _variants(strategy, grid.vary):
+            for variant in _variants(strategy, dataset, grid.vary):
                 label = _slug(variant)
                 for workers in worker_counts:
                     for seed in range(grid.seeds):

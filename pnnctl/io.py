@@ -5,6 +5,8 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
+import math
 import os
 import tempfile
 from collections.abc import Iterator, Mapping, Sequence
@@ -13,6 +15,22 @@ from typing import IO, Any
 
 from pnnctl.errors import UsageError
 from pnnctl.faults import fault_point
+
+
+def _finite(value: Any) -> Any:
+    """NaN and infinities become null: they are not JSON."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+def json_text(value: Any, indent: int | None = None) -> str:
+    """Standard JSON (a NaN accuracy of a diverged run is null), so that any JSON reader takes it."""
+    return json.dumps(_finite(value), indent=indent, default=str, allow_nan=False)
 
 
 @contextlib.contextmanager

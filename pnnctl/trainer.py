@@ -33,7 +33,7 @@ from pnnctl.config import RunConfig, config_to_dict, parse_budget, samples_allow
 from pnnctl.data import Dataset, load_dataset, shard_indices, shard_stats
 from pnnctl.errors import UsageError
 from pnnctl.faults import fault_point
-from pnnctl.io import append_csv_row, atomic_write_bytes, atomic_write_text, repair_csv_tail
+from pnnctl.io import append_csv_row, atomic_write_bytes, atomic_write_text, json_text, repair_csv_tail
 from pnnctl.network import parse_network
 from pnnctl.runtime import (
     Runtime,
@@ -611,7 +611,7 @@ def train(
         if main:
             append_csv_row(metrics_path, METRIC_COLUMNS, row)
             fault_point("metrics-append")
-            text = json.dumps(full_summary(), indent=2, default=str) + "\n"
+            text = json_text(full_summary(), indent=2) + "\n"
             atomic_write_text(run_dir / "summary.json", text, fault="summary-write")
         progress.update(float(row["epoch"]), float(row["train_loss"]), float(row["test_acc"]))
 
@@ -716,5 +716,5 @@ def train(
         summary["status"] = "interrupted"
         summary["signal"] = signal.Signals(stop.signal).name if stop.signal else "SIGTERM"
         if main:
-            atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, default=str) + "\n")
+            atomic_write_text(run_dir / "summary.json", json_text(summary, indent=2) + "\n")
     return RunResult(run_dir, status, rows, summary, notes)

@@ -94,6 +94,23 @@ BAD_INPUTS: list[Case] = [
      "error: workers: lists 2 more than once"),
     ("a --vary value twice", lambda t, m: ["compare", *GRID, "--vary", "local-sgd.local_steps=5,5"],
      "error: vary: lists local-sgd.local_steps=5 more than once"),
+    # --vary over a field every cell sets itself labelled identical runs differently.
+    ("a --vary over the worker count", lambda t, m: ["compare", *GRID, "--vary", "workers=2,4"],
+     "error: vary: workers is an axis of the grid itself: list them with --workers"),
+    ("a --vary over seeds", lambda t, m: ["compare", *GRID, "--vary", "seed=3,4"], "error: vary: seed is an axis"),
+    ("synthetic.* on a grid without synthetic data", lambda t, m: ["compare", *GRID, "--vary", "synthetic.dim=4,8"],
+     "error: vary: synthetic.dim: no dataset of the grid is synthetic (digits)"),
+    ("a --vary of a strategy not in the grid", lambda t, m: ["compare", *GRID, "--vary", "dgd.topolgy=ring,star"],
+     "error: vary: dgd.topolgy: dgd is not among the grid's strategies (local-sgd)"),
+    ("a grid name that leaves --out", lambda t, m: ["compare", *GRID, "--name", ".."], "error: name: "),
+    ("a [compare] table with a wrong type",
+     lambda t, m: ["compare", *GRID, "--config", str(_write(t / "grid.toml", '[compare]\nworkers = [2, "four"]\n'))],
+     "error: workers: must be integers such as [2, 4, 8], not [2, 'four']"),
+    ("a config file that is not UTF-8",
+     lambda t, m: ["train", *TINY, "--config", str(_write_bytes(t / "latin1.toml", b"lr = 0.1\n# caf\xe9\n"))],
+     "error: config: "),
+    ("a run name too long for a folder", lambda t, m: ["train", *TINY, "--run-name", "x" * 300],
+     "error: run_name: must be a folder name of at most 255 bytes"),
     ("more processes than a grid cell's workers", lambda t, m: ["compare", *GRID, "--workers", "2,4", "--nproc", "4"],
      "error: workers: 2 workers cannot fill 4 processes; use --workers >= --nproc (cell"),
 ]
@@ -107,6 +124,12 @@ def _mnist_with_data_env(folder: Path | None, monkeypatch: pytest.MonkeyPatch) -
         folder.mkdir(parents=True, exist_ok=True)
         monkeypatch.setenv("PNNCTL_DATA", str(folder))
     return ["train", *TINY, "--dataset", "mnist", "--model", "mlp"]
+
+
+def _write_bytes(path: Path, data: bytes) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(data)
+    return path
 
 
 def _write(path: Path, text: str) -> Path:
@@ -194,6 +217,17 @@ def test_train_format_json_of_a_diverged_run_is_standard_json(cli, tmp_path: Pat
     assert json.loads(result.out)["status"] == "diverged"  # the lenient parser reads it
     summary = _strict_json(result.out)
     assert summary["final"]["test_acc"] is None or math.isnan(float(summary["final"]["test_acc"]))
+    # summary.json too: a bare NaN in it stopped every standard JSON reader (JavaScript's, jq's).
+    (written,) = tmp_path.glob("*/summary.json")
+    assert _strict_json(written.read_text()) == summary
+    again = cli(*DIVERGING, "--out", str(tmp_path), "--resume")  # prints the run from its summary.json
+    assert again.code == result.code and "(diverged)" in again.out, again.err
+
+
+def test_run_names_are_printed_as_typed(cli, tmp_path: Path) -> None:
+    result = cli("train", *TINY, "--out", tmp_path, "--run-name", "run:x:2")
+    assert result.code == 0
+    assert "run:x:2: finished" in result.err and "❌" not in result.err + result.out  # rich's :x: emoji code
 
 
 @pytest.mark.parametrize(

@@ -291,3 +291,21 @@ def test_a_grid_over_synthetic_options_chooses_the_fastest_within_each_task(cli,
     assert list(fastest) == ["**fastest on synthetic (classes=2)**", "**fastest on synthetic (classes=10)**"]
     assert fastest["**fastest on synthetic (classes=2)**"].endswith("classes=2")
     assert fastest["**fastest on synthetic (classes=10)**"].endswith("classes=10")
+
+
+def test_a_grid_table_takes_one_value_for_a_list_and_varies_synthetic_data_only(
+    cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pnnctl.cli
+
+    monkeypatch.setattr(pnnctl.cli.console, "_width", 250)
+    config = tmp_path / "grid.toml"
+    config.write_text('[compare]\nstrategies = "allreduce,local-sgd"\nworkers = 4\ndatasets = ["digits", "synthetic"]\n'
+                      '[compare.vary]\n"synthetic.dim" = [8, 16]\n')  # fmt: skip
+    listed = cli("compare", "--config", config, "--out", tmp_path, "--dry-run")
+    assert listed.code == 0, listed.err
+    runs = [Path(line.split()[0]).name for line in listed.err.splitlines()]
+    # digits has no dim to vary: one cell per strategy there, not two identical ones labelled dim=8 and dim=16.
+    assert runs == ["allreduce-digits-w4-s0", "local-sgd-digits-w4-s0",
+                    "allreduce-synthetic-w4-dim=8-s0", "allreduce-synthetic-w4-dim=16-s0",
+                    "local-sgd-synthetic-w4-dim=8-s0", "local-sgd-synthetic-w4-dim=16-s0"]  # fmt: skip
