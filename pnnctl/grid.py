@@ -457,7 +457,8 @@ def report_folder(
     cells = cell_summary(run_summaries(reprojected, target_acc))
     if (folder / "runs").is_dir():
         write_summary_csv(folder, cells)
-    figures = plot_folder(folder, network=network, scaling_metric=scaling_metric, metrics=as_run) if draw else []
+    figures = plot_folder(folder, network=network, scaling_metric=scaling_metric, metrics=as_run,
+                          target_acc=target_acc) if draw else []  # fmt: skip
     fastest = None
     if target_acc:
         tasks = _synthetic_tasks(folder, as_run)
@@ -503,7 +504,9 @@ def _synthetic_tasks(folder: Path, metrics: pd.DataFrame) -> dict[str, str]:
 
 
 def _target_from_folder(folder: Path) -> float | None:
-    for config_file in [folder / "config.toml", *sorted(folder.glob("runs/*/config.toml"))[:1]]:
+    """The target of a run folder, or of the grid's latest command (grid.toml: a rerun may set another
+    target without touching its finished runs' configs)."""
+    for config_file in [folder / "config.toml", folder / "grid.toml", *sorted(folder.glob("runs/*/config.toml"))[:1]]:
         if config_file.exists():
             value = load_toml(config_file).get("target_acc", 0.0)
             return float(value) or None

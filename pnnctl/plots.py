@@ -34,10 +34,12 @@ from pnnctl.stats import (
     cell_labels,
     cell_names,
     cell_summary,
+    cell_variant,
     load_metrics,
     projection_text,
     reproject,
     run_summaries,
+    variant_names_model,
 )
 
 #: Every figure name plot_folder may write, in the order a report shows them.
@@ -402,11 +404,16 @@ def _fig_scaling(
     runs: pd.DataFrame, styles_by_strategy: dict[str, str], metric: str = "bytes_sent_max_worker"
 ) -> Figure:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.5))
-    # A line per strategy, split further only by dataset/model when those vary, so one line never
-    # mixes different tasks.
-    line_keys = ["strategy"] + [c for c in ("dataset", "model") if runs[c].nunique(dropna=False) > 1]
+    # A line per strategy, split further by dataset, model and --vary values where those differ, so one
+    # line never averages different tasks or settings (local_steps=2 and 40 made one line's error bar).
+    cells = cell_names(runs)
+    variants = [cell_variant(*values) for values in zip(cells, *(runs[c] for c in CELL_KEY), strict=True)]
+    frame = runs.assign(variant=variants)
+    line_keys = ["strategy"] + [c for c in ("dataset", "model", "variant") if frame[c].nunique(dropna=False) > 1]
+    if "model" in line_keys and any(variant_names_model(cell) for cell in cells):
+        line_keys.remove("model")  # "model=..." in the variant names it
     metric_label, metric_scale, metric_log = SCALING_METRICS[metric]
-    frame = runs.assign(final_pct=runs["final_acc"] * 100.0, mb=runs[metric].astype(float) * metric_scale)
+    frame = frame.assign(final_pct=runs["final_acc"] * 100.0, mb=runs[metric].astype(float) * metric_scale)
     workers = sorted(frame["workers"].dropna().unique())
     # The colour is the strategy's; line and marker tell its datasets/models apart, as in the curves.
     tasks: dict[tuple, int] = {}
@@ -477,8 +484,11 @@ def plot_folder(
     network: NetworkModel | None = None,
     scaling_metric: str = "bytes_sent_max_worker",
     metrics: pd.DataFrame | None = None,
+    target_acc: float | None = None,
 ) -> list[Path]:
     """Draw every figure of a run or compare folder into ``<folder>/figures/``; returns the written paths.
+
+    ``target_acc`` is the accuracy the ``*_to_target`` scaling metrics count to (None: those are empty).
 
     ``metrics``: the folder's rows as :func:`pnnctl.stats.load_metrics` reads them, where the caller
     has them already (read from the folder otherwise). The time axis uses the runs' own
@@ -502,7 +512,7 @@ def plot_folder(
     metrics["mb_sent_max_worker"] = metrics["bytes_sent_max_worker"] / _MB
     metrics["time_s"] = reproject(metrics, network)["projected_s"]
 
-    runs = run_summaries(metrics, None)
+    runs = run_summaries(metrics, target_acc)
     summary = cell_summary(runs)
     # cell_summary sorts by strategy then workers, which is also the legend order.
     cells = summary[[*CELL_KEY, "cell"]].drop_duplicates("cell", ignore_index=True)

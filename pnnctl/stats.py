@@ -162,6 +162,12 @@ def default_cell_name(strategy: object, dataset: object, model: object, workers:
     return f"{strategy}/{dataset}/{model}/w{workers}"
 
 
+def cell_variant(cell: object, strategy: object, dataset: object, model: object, workers: object) -> str:
+    """The ``--vary`` values of a cell name built from its columns (``local_steps=5``); "" for none."""
+    built = default_cell_name(strategy, dataset, model, workers)
+    return str(cell)[len(built) + 1:] if str(cell).startswith(built + "/") else ""
+
+
 #: The parts of a built cell name that a grid may vary, in the order labels show them.
 _LABEL_PARTS: tuple[str, ...] = ("dataset", "model", "workers")
 
@@ -192,7 +198,7 @@ def cell_labels(cells: pd.DataFrame) -> dict[str, str]:
         parts += [str(row.dataset)] if "dataset" in varying else []
         parts += [str(row.model)] if "model" in varying else []
         parts += [_workers_text(row.workers)] if "workers" in varying else []
-        parts += [cell[len(built) + 1:]] if cell != built else []  # the --vary values
+        parts += [cell_variant(cell, row.strategy, row.dataset, row.model, row.workers)] if cell != built else []
         labels[cell] = " · ".join(parts)
     return labels
 

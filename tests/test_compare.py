@@ -309,3 +309,14 @@ def test_a_grid_table_takes_one_value_for_a_list_and_varies_synthetic_data_only(
     assert runs == ["allreduce-digits-w4-s0", "local-sgd-digits-w4-s0",
                     "allreduce-synthetic-w4-dim=8-s0", "allreduce-synthetic-w4-dim=16-s0",
                     "local-sgd-synthetic-w4-dim=8-s0", "local-sgd-synthetic-w4-dim=16-s0"]  # fmt: skip
+
+
+def test_a_plain_plot_keeps_the_target_of_the_grids_latest_command(cli, tmp_path: Path) -> None:
+    grid = ["compare", "--strategies", "local-sgd", "--workers", "2", "--datasets", "digits", "--model", "mlp:64-16-10",
+            "--epochs", "0.3", "--out", tmp_path, "--no-plots"]  # fmt: skip
+    assert cli(*grid, "--target-acc", "0.3").code == 0
+    assert cli(*grid, "--target-acc", "0.4").code == 0  # a new target re-reports the finished runs
+    report = tmp_path / "compare" / "report.md"
+    assert "to reach 40.00%" in report.read_text()
+    assert cli("plot", tmp_path / "compare").code == 0
+    assert "to reach 40.00%" in report.read_text()  # it went back to the runs' own 30%

@@ -315,3 +315,40 @@ def test_a_long_legend_sits_beside_the_axes_and_one_worker_is_singular() -> None
         placed[n] = ax.get_legend().get_window_extent().x0 >= ax.get_window_extent().x1
         plt.close(fig)
     assert placed == {4: False, 12: True}  # 12 entries inside would cover the points
+
+
+def test_scaling_draws_a_line_per_vary_value_and_counts_to_the_target() -> None:
+    from pnnctl.plots import _fig_scaling
+
+    # local_steps=2 sends ten times the bytes of local_steps=40: one line over both averaged them.
+    runs = pd.DataFrame({
+        "strategy": "local-sgd", "dataset": "d", "model": "mlp", "workers": [2, 4, 2, 4],
+        "cell": [f"local-sgd/d/mlp/w{w}/local_steps={k}" for w, k in ((2, 2), (4, 2), (2, 40), (4, 40))],
+        "final_acc": [0.8, 0.8, 0.7, 0.7], "bytes_sent_max_worker": [8e6, 9e6, 0.7e6, 0.8e6],
+    })
+    fig = _fig_scaling(runs, strategy_colors(["local-sgd"]))
+    lines = {c.get_label(): list(c.lines[0].get_ydata()) for c in fig.axes[1].containers}
+    plt.close(fig)
+    assert lines == {"local-sgd · local_steps=2": pytest.approx([8.0, 9.0]),
+                     "local-sgd · local_steps=40": pytest.approx([0.7, 0.8])}
+
+
+def test_a_to_target_scaling_metric_is_drawn_from_the_folders_target(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import pnnctl.plots
+
+    for workers in (2, 4):
+        write_run(tmp_path, "allreduce", workers, 0)
+    drawn = {}
+    real = pnnctl.plots._fig_scaling
+
+    def keep(runs: pd.DataFrame, colors: dict, metric: str) -> object:  # the figure as plot_folder draws it
+        fig = real(runs, colors, metric)
+        drawn["y"] = [list(c.lines[0].get_ydata()) for c in fig.axes[1].containers]
+        return fig
+
+    monkeypatch.setattr(pnnctl.plots, "_fig_scaling", keep)
+    plot_folder(tmp_path, formats=("png",), scaling_metric="epochs_to_target", target_acc=0.5)
+    # Both runs pass 50% at their third evaluation (epoch 2.5); without the target the panel was empty.
+    assert drawn["y"] == [[2.5, 2.5]]
