@@ -21,6 +21,7 @@ import platform
 import signal
 import subprocess
 import time
+import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -205,10 +206,15 @@ def changed_fields(before: Mapping[str, Any], now: Mapping[str, Any]) -> list[st
     ]
 
 
-def check_resumable(saved: dict[str, Any], config: RunConfig, path: Path) -> None:
+def check_resumable(saved: dict[str, Any], config: RunConfig, path: Path, world_size: int = 1) -> None:
     if saved.get("format") != CHECKPOINT_FORMAT:
         msg = f"{path} has checkpoint format {saved.get('format')!r}; this pnnctl reads {CHECKPOINT_FORMAT}"
         raise UsageError("resume", msg)
+    # torchrun's processes record nproc=1 in the config: the checkpoint says how many there were.
+    written_by = int(saved.get("world_size", world_size))
+    if written_by != world_size:
+        raise UsageError("resume", f"{path} was written by {written_by} processes, not {world_size}; resume it with "
+                                   f"--nproc {written_by} (or torchrun --nproc-per-node {written_by})")
     now = config_to_dict(config)
     before = saved.get("config", {})
     changed = changed_fields(before, now)
@@ -220,10 +226,20 @@ def check_resumable(saved: dict[str, Any], config: RunConfig, path: Path) -> Non
         )
 
 
-def _prepare_run_dir(run_dir: Path, resume: bool) -> None:
+def _prepare_run_dir(run_dir: Path, resume: bool, config: RunConfig) -> None:
     if (run_dir / "metrics.csv").exists() and not resume:
         msg = f"{run_dir} already holds a run; pass --resume to continue it, or choose --run-name or --out"
         raise UsageError("run_name", msg)
+    stored = run_dir / "config.toml"
+    if resume and not checkpoint_path(run_dir, 0).exists() and stored.exists():
+        # Nothing to continue: the run starts afresh, over the files of a run that may be another one.
+        from pnnctl.config import load_toml
+
+        changed = changed_fields(load_toml(stored), tomllib.loads(to_toml(config_to_dict(config))))
+        if changed:
+            raise UsageError("resume", f"{run_dir} has no checkpoint to resume, and holds a run with other "
+                                       f"settings (it differs in {', '.join(changed)}); choose --run-name or --out, "
+                                       "or delete that run folder")
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -497,7 +513,7 @@ def train(
     problem = ""
     if main:
         try:
-            _prepare_run_dir(run_dir, resume)
+            _prepare_run_dir(run_dir, resume, config)
         except UsageError as exc:
             problem = str(exc)
     # Every rank must stop on rank 0's error, or the others would wait for it in a collective.
@@ -518,10 +534,11 @@ def train(
     if resume and saved is None:  # a mistyped --run-name would otherwise start a new run without a word
         notes.append(f"nothing to resume in {run_dir} (no checkpoint): started a new run")
     if saved is not None:
-        check_resumable(saved, config, ckpt)
+        check_resumable(saved, config, ckpt, shared_comm.world_size)
         strategy.load_state_dict(saved["strategy"])
         ledger.load_state_dict(saved["ledger"])
         state = LoopState(**saved["loop"])
+        shared_comm.wire_bytes_sent = float(saved.get("wire_bytes_sent", 0.0))
         budget_reached_on_resume(saved["config"], config, _spent(state, ledger), len(y_train), run_dir)
         torch.set_rng_state(saved["torch_rng"])
         if main:
@@ -630,6 +647,8 @@ def train(
                 "loop": vars(state).copy(),
                 "torch_rng": torch.get_rng_state(),
                 "finished": finished,
+                "world_size": shared_comm.world_size,
+                "wire_bytes_sent": shared_comm.wire_bytes_sent,
             },
         )
 

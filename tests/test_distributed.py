@@ -176,6 +176,13 @@ def test_ranks_killed_early_resume_to_the_uninterrupted_metrics(point: str, tmp_
         deterministic(pd.read_csv(tmp_path / name / "local-sgd-w2-s0" / "metrics.csv")) for name in ("whole", "killed")
     )
     pd.testing.assert_frame_equal(resumed_rows, whole_rows)
+    # One worker per process: the wire carries the ledger's bytes, counted on from the checkpoint.
+    killed_rows = pd.read_csv(tmp_path / "killed" / "local-sgd-w2-s0" / "metrics.csv")
+    assert (killed_rows["wire_bytes_sent_max_rank"] == killed_rows["bytes_sent_max_worker"]).all()
+    # A plain resume of a two-process run (as torchrun's printed hint reads) is refused, not a traceback.
+    nproc = args.index("--nproc")
+    single = run_cli([*args[:nproc], *args[nproc + 2:], "--out", str(tmp_path / "killed"), "--resume", "--epochs", "3"])
+    assert single.returncode == 2 and "written by 2 processes, not 1" in single.stderr, single.stderr[-2000:]
 
 
 @pytest.mark.parametrize(

@@ -725,6 +725,22 @@ def test_a_run_resumed_with_a_smaller_budget_than_it_trained_is_refused(
         assert int(written[-1]["samples_seen"]) == trained
 
 
+def test_resume_without_a_checkpoint_does_not_overwrite_another_run(small_config, tmp_path: Path) -> None:
+    from pnnctl.errors import UsageError
+
+    first = small_config(strategy="allreduce", workers=2, epochs=0.3, out=str(tmp_path), run_name="shared")
+    train(first)
+    run_dir = tmp_path / "shared"
+    (run_dir / "checkpoint.pt").unlink()  # say, the disk filled up before the first checkpoint
+    before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
+    other = dataclasses.replace(first, strategy="local-sgd", workers=3)
+    with pytest.raises(UsageError, match=r"no checkpoint to resume.*differs in .*strategy.*workers"):
+        train(other, resume=True)  # it used to replace the allreduce run's files with a local-sgd run
+    assert {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()} == before
+    again = train(first, resume=True)  # the same run starts afresh, as before
+    assert again.status == "finished" and any("nothing to resume" in note for note in again.notes)
+
+
 def test_a_second_stop_signal_stops_at_once_unless_it_is_the_same_request() -> None:
     from pnnctl.trainer import SAME_STOP_REQUEST_S, StopRequest
 
