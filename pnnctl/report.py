@@ -184,6 +184,12 @@ def _fastest_rows(fastest: pd.DataFrame, labels: Mapping[str, str] | None = None
     Cells are rows, networks columns: a grid has a handful of networks and any number of cells, whose
     names are long (the other way round, the table ran off every screen)."""
     labels = labels or {}
+
+    def named(value: object) -> str:
+        if isinstance(value, tuple):  # cells that tie
+            return "tie: " + " = ".join(labels.get(cell, str(cell)) for cell in value)
+        return _NONE if pd.isna(value) else labels.get(value, str(value))
+
     # The winner columns: "fastest", or "fastest on DATASET" for each dataset of the grid.
     winners = [column for column in fastest.columns if str(column).startswith("fastest")]
     cells = [column for column in fastest.columns if column not in winners]
@@ -192,8 +198,7 @@ def _fastest_rows(fastest: pd.DataFrame, labels: Mapping[str, str] | None = None
         seconds = {str(net): _number(float(value)) for net, value in fastest[cell].items()}
         rows.append({"cell": labels.get(cell, str(cell)), **seconds})
     for column in winners:
-        winner = {str(net): _NONE if pd.isna(value) else labels.get(value, str(value))
-                  for net, value in fastest[column].items()}  # fmt: skip
+        winner = {str(net): named(value) for net, value in fastest[column].items()}
         rows.append({"cell": f"**{column}**", **winner})
     return rows
 

@@ -410,7 +410,8 @@ def fastest_to_target(
 
     ``runs_metrics`` is the per-row metrics table (as from :func:`load_metrics`). A cell's mean is
     over the seeds that reached the target (a cell counts if any seed did); NaN when none did.
-    Rows are indexed by network name; ``fastest`` is NaN where no cell reached the target. A grid over
+    Rows are indexed by network name; ``fastest`` is NaN where no cell reached the target, and a tuple of
+    cells where several tie. A grid over
     several tasks gets a ``fastest on TASK`` column for each instead: a target accuracy is a
     different bar on other data, so the winner is chosen among cells of one task. A run's task is
     its dataset unless ``tasks`` (run_id -> name) says more, as for synthetic data of other shapes.
@@ -437,8 +438,11 @@ def fastest_to_target(
         per_cell = seconds.groupby(run_cells.reindex(seconds.index)).mean().reindex(cells)
         row: dict[str, object] = {cell: float(per_cell[cell]) for cell in cells}
         for column, candidates in winners.items():
-            among = per_cell[candidates]
-            row[column] = among.idxmin() if among.notna().any() else np.nan
+            among = per_cell[candidates].dropna()
+            # Cells that reach the target in the same time (all at 0 s where the untrained model meets it)
+            # tie: the first in sort order is no winner.
+            tied = tuple(among.index[among <= among.min() * (1 + 1e-9)]) if len(among) else ()
+            row[column] = np.nan if not tied else tied[0] if len(tied) == 1 else tied
         rows[network.name] = row
     out = pd.DataFrame.from_dict(rows, orient="index", columns=[*cells, *winners])
     out.index.name = "network"

@@ -372,3 +372,19 @@ def test_reprojecting_a_run_on_its_own_network_gives_its_projected_time(
     assert float(metrics["bytes_recv_master"].iloc[-1]) > 0 or strategy == "allreduce"
     reprojected = project_time(metrics, NETWORK_PRESETS[network])
     assert list(reprojected) == pytest.approx(list(metrics["projected_s"].astype(float)), rel=1e-6, abs=1e-5)
+
+
+def test_cells_that_reach_the_target_in_the_same_time_tie() -> None:
+    # a and b meet an easy target at their first evaluation, in the same time: a tie, not a winner
+    # that is merely first in sort order (with a target the untrained models meet, every cell ties at 0 s).
+    metrics = table(
+        run_rows("a", 0, [0.5, 0.9], compute_per_round=2),
+        run_rows("b", 0, [0.5, 0.85], compute_per_round=2),
+        run_rows("c", 0, [0.05, 0.9], compute_per_round=3),
+    )
+    result = fastest_to_target(metrics, 0.1, [NETWORK_PRESETS["wan"]])
+    assert result.loc["wan", "fastest"] == ("a/mnist/mlp/w4", "b/mnist/mlp/w4")
+    from pnnctl.report import _fastest_rows
+
+    assert _fastest_rows(result)[-1] == {"cell": "**fastest**", "wan": "tie: a/mnist/mlp/w4 = b/mnist/mlp/w4"}
+    assert fastest_to_target(metrics, 0.9, [NETWORK_PRESETS["wan"]]).loc["wan", "fastest"] == "a/mnist/mlp/w4"
