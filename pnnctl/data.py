@@ -166,6 +166,9 @@ def _image_dataset(
     scale: float,
     n_classes: int,
 ) -> Dataset:
+    for part, images in (("training", x_train), ("test", x_test)):
+        if not len(images):
+            raise UsageError("dataset", f"{name}'s {part} set holds no samples")
     mean, std = _channel_stats(x_train)
     mean, std = mean / scale, std / scale
     # Constant images would divide by zero; leaving them unscaled is the only sensible choice.
@@ -414,6 +417,8 @@ def _read_idx_pair(
         raise UsageError(
             str(labels_path), f"has {len(labels)} labels but {images_path.name} has {len(images)} images"
         )
+    if not len(images):  # an empty test set would end the first evaluation in a division by zero
+        raise UsageError(str(images_path), "holds no images; a dataset file needs at least one sample")
     _check_labels(labels, range(first_label, first_label + n_classes), labels_path)
     return images[:, None], labels - first_label
 

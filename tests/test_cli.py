@@ -37,6 +37,16 @@ def corrupt_mnist(root: Path) -> Path:
     return root
 
 
+def mnist_without_test_images(root: Path) -> Path:
+    """A readable MNIST folder whose test files hold zero images."""
+    raw = root / "MNIST" / "raw"
+    idx_file(raw / "train-images-idx3-ubyte", np.zeros((20, 28, 28)))
+    idx_file(raw / "train-labels-idx1-ubyte", np.arange(20) % 10)
+    idx_file(raw / "t10k-images-idx3-ubyte", np.zeros((0, 28, 28)))
+    idx_file(raw / "t10k-labels-idx1-ubyte", np.zeros(0))
+    return root
+
+
 # Each case: (id, argv built from tmp_path and monkeypatch, what the error line starts with or contains).
 Case = tuple[str, Callable[[Path, pytest.MonkeyPatch], list[str]], str]
 
@@ -71,6 +81,12 @@ BAD_INPUTS: list[Case] = [
         "corrupt IDX file",
         lambda t, m: ["train", *TINY, "--dataset", "mnist", "--model", "mlp", "--data-dir", str(corrupt_mnist(t))],
         "train-images-idx3-ubyte",
+    ),
+    (
+        "an IDX test file without images",  # it ended the first evaluation in a ZeroDivisionError
+        lambda t, m: ["train", *TINY, "--dataset", "mnist", "--model", "mlp", "--data-dir",
+                      str(mnist_without_test_images(t))],
+        "t10k-images-idx3-ubyte: holds no images",
     ),
     ("negative dirichlet alpha", lambda t, m: ["train", *TINY, "--sharding", "dirichlet:-1"], "error: sharding:"),
     ("unknown sharding", lambda t, m: ["train", *TINY, "--sharding", "round-robin"], "error: sharding:"),
