@@ -268,6 +268,15 @@ def _print_run(summary: dict[str, Any]) -> None:
     out_console.print(table)
 
 
+def _print_whole(table: Table) -> None:
+    """``table`` at the console's width, or wider where its columns need more: cropped at 80 columns, a
+    wide grid's last columns lost digits ("0.07" for 0.077) and its run statuses entirely."""
+    from rich.measure import Measurement
+
+    needed = Measurement.get(out_console, out_console.options, table).minimum
+    out_console.print(table, width=max(out_console.width, needed), crop=False)
+
+
 def _human_bytes(value: float) -> str:
     for unit in ("B", "KB", "MB", "GB", "TB"):
         if abs(value) < 1000 or unit == "TB":
@@ -411,12 +420,13 @@ def compare(
         if rows:
             table = Table(title=f"{outcome.folder} ({outcome.aggregate_note})")
             for col in rows[0]:
-                # Names are what tells rows apart: the figures' columns wrap first.
+                # Names are what tells rows apart: the figures' columns wrap first, but never inside a number.
                 name = col in ("strategy", "dataset", "model", "variant", "runs")
-                table.add_column(col, no_wrap=name, min_width=None if name else 5)  # figures never squeezed out
+                widest_number = max(len(str(row[col]).split(" ")[0]) for row in rows)
+                table.add_column(col, no_wrap=name, min_width=None if name else max(5, widest_number))
             for row in rows:
                 table.add_row(*row.values())
-            out_console.print(table)
+            _print_whole(table)
     # On stderr in either format: --format json keeps stdout for the JSON alone.
     for runs, warning in _seeds_together(outcome.warnings):
         console.print(f"warning: {runs}: {warning}", highlight=False, soft_wrap=True)

@@ -193,14 +193,37 @@ def test_an_80_column_console_keeps_every_figure_of_a_grid_varied_over_two_keys(
                  "--no-plots", "--out", tmp_path)  # fmt: skip
     assert result.code == 0, result.err
     # The variant and model columns (which also repeated the model) used to take the whole width, and the
-    # figure columns were squeezed to nothing. Now a varied value per line, the model once.
+    # figure columns were squeezed to nothing. Now a varied value per line, the model once, and every
+    # number whole (the table grows past 80 columns rather than cut "4.84e-03" to "4.84…").
     lines = [line for line in result.out.splitlines() if line.startswith(("┃", "│"))]
-    assert all(len(line) <= 80 for line in lines)
+    assert all(line.endswith(("┃", "│")) for line in lines)
     assert "model" not in " ".join(line for line in lines if line.startswith("┃"))
     summary = pd.read_csv(tmp_path / "compare" / "summary.csv")
     first_lines = [[c.strip() for c in line.split("│")[1:-1]] for line in lines if line.startswith("│ local-sgd")]
     assert [row[1] for row in first_lines] == ["sharding=dirichlet:0.3", "sharding=iid"] * 2
     assert [row[3] for row in first_lines] == [f"{100 * acc:.2f}" for acc in summary["final_acc_mean"]]
+    from pnnctl.report import _number
+
+    assert [row[5] for row in first_lines] == [_number(b / 1e6) for b in summary["bytes_sent_max_worker_mean"]]
+
+
+def test_a_table_wider_than_the_console_is_printed_whole(cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import pnnctl.cli
+
+    monkeypatch.setattr(pnnctl.cli.out_console, "_width", 80)
+    result = cli("compare", "--strategies", "local-sgd", "--workers", "2", "--datasets", "digits", "--epochs", "0.3",
+                 "--vary", "local-sgd.local_steps=2,40", "--target-acc", "0.2", "--no-plots",
+                 "--out", tmp_path)  # fmt: skip
+    assert result.code == 0, result.err
+    # With the to-target columns the table needs more than 80 columns: cropped, "0.057" read "0" and
+    # the last column's values were cut off mid-number.
+    rows = [line for line in result.out.splitlines() if line.startswith("│ local-sgd")]
+    assert len(rows) == 2 and all(line.endswith("│") for line in rows), result.out
+    summary = pd.read_csv(tmp_path / "compare" / "summary.csv")
+    shown = [[c.strip() for c in line.split("│")[1:-1]][-1] for line in rows]
+    from pnnctl.report import _number
+
+    assert shown == [_number(value) for value in summary["projected_s_to_target_mean"]]
 
 
 def test_a_grid_over_two_datasets_names_each_rows_dataset(
