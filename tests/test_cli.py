@@ -338,3 +338,12 @@ def test_list_shows_every_bracketed_word_of_the_descriptions(cli) -> None:
     assert shown.code == 0
     missing = [word for word in bracketed if word not in shown.out]
     assert not missing, f"`pnnctl list` dropped {missing}"
+
+
+def test_the_progress_line_names_what_a_samples_budget_allows(cli, tmp_path: Path) -> None:
+    from pnnctl.data import load_dataset
+
+    n_train = len(load_dataset("digits").y_train)
+    result = cli("train", *TINY, "--epochs", "5", "--budget", "samples=700", "--out", tmp_path)
+    assert result.code == 0, result.err
+    assert f"training for {700 / n_train:g} epochs" in result.err  # it said "training for 5 epochs"
