@@ -202,6 +202,19 @@ def build_dataclass(cls: type, values: Mapping[str, Any], prefix: str) -> Any:
     return cls(**kwargs)
 
 
+def check_processes(config: RunConfig, processes: int) -> None:
+    """Every process needs a worker of its own (``processes``: --nproc, or torchrun's world size)."""
+    if processes <= config.effective_workers:
+        return
+    from strategies import get_strategy
+
+    if get_strategy(config.strategy).single_worker:  # --workers cannot help
+        raise UsageError("nproc", f"{config.strategy} trains one worker in one process, so it cannot use "
+                                  f"{processes} processes; run it with --nproc 1")
+    raise UsageError("workers", f"{config.effective_workers} workers cannot fill {processes} processes; "
+                                "use --workers >= --nproc")
+
+
 def samples_allowed(config: RunConfig, n_train: int) -> float:
     """The most training samples the run's epochs and a ``samples=N`` budget allow."""
     allowed = config.epochs * n_train
@@ -283,9 +296,7 @@ def validate(config: RunConfig) -> RunConfig:
     require(no_control(config.out), "out", "a folder path without control characters")
     require(config.checkpoint_every >= 1, "checkpoint_every", "an integer >= 1")
     require(config.nproc >= 1, "nproc", "an integer >= 1")
-    if config.nproc > config.effective_workers:
-        msg = f"{config.effective_workers} workers cannot fill {config.nproc} processes; use --workers >= --nproc"
-        raise UsageError("workers", msg)
+    check_processes(config, config.nproc)
     require(config.backend in BACKENDS, "backend", "one of " + ", ".join(BACKENDS))
     require(config.timeout_s > 0, "timeout_s", "a number of seconds > 0")
     require(config.precision in PRECISIONS, "precision", "one of " + ", ".join(PRECISIONS))

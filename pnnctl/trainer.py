@@ -30,7 +30,7 @@ from typing import Any, Protocol
 import torch
 
 from pnnctl import __version__
-from pnnctl.config import RunConfig, config_to_dict, parse_budget, samples_allowed, to_toml
+from pnnctl.config import RunConfig, check_processes, config_to_dict, parse_budget, samples_allowed, to_toml
 from pnnctl.data import Dataset, load_dataset, shard_indices, shard_stats
 from pnnctl.errors import UsageError
 from pnnctl.faults import fault_point
@@ -495,9 +495,8 @@ def train(
     # code of their own; evaluations run in fp32 (tf32 in a tf32 run).
     eval_precision = "tf32" if config.precision == "tf32" else "fp32"
     n_workers = config.effective_workers
-    if comm is not None and n_workers < comm.world_size:
-        msg = f"{n_workers} workers cannot fill {comm.world_size} processes; use --workers >= --nproc"
-        raise UsageError("workers", msg)
+    if comm is not None:
+        check_processes(config, comm.world_size)
 
     run_dir = Path(config.out) / config.run_id
     metrics_path = run_dir / "metrics.csv"

@@ -127,6 +127,9 @@ BAD_INPUTS: list[Case] = [
      "error: config: "),
     ("a run name too long for a folder", lambda t, m: ["train", *TINY, "--run-name", "x" * 300],
      "error: run_name: must be a folder name of at most 255 bytes"),
+    ("a single-worker strategy on two processes",  # it said "use --workers >= --nproc", which cannot help
+     lambda t, m: ["train", *TINY, "--strategy", "centralized", "--workers", "2", "--nproc", "2"],
+     "error: nproc: centralized trains one worker in one process, so it cannot use 2 processes; run it with --nproc 1"),
     ("more processes than a grid cell's workers", lambda t, m: ["compare", *GRID, "--workers", "2,4", "--nproc", "4"],
      "error: workers: 2 workers cannot fill 4 processes; use --workers >= --nproc (cell"),
 ]

@@ -35,7 +35,7 @@ def test_two_process_run_equals_simulation(strategy: str, tmp_path: Path) -> Non
         result = run_cli(["train", "--strategy", "centralized", "--dataset", "digits", "--model", "mlp:64-32-10",
                           "--nproc", "2", "--out", str(tmp_path)])
         assert result.returncode == 2
-        assert result.stderr.strip().startswith("error: workers:")
+        assert result.stderr.strip().startswith("error: nproc: centralized trains one worker in one process")
         return
     assert_simulated_equals_distributed(config, tmp_path, nproc=2)
 
