@@ -404,7 +404,7 @@ def compare(
                  if len({cell[index] for cell in parts if len(cell) > index}) > 1]
         variants = ["/".join(cell[4:]) for cell in parts]
         varied = any(variants)
-        if any(variant_names_model(row.get("cell", "")) for row in table_rows):
+        if any(variant_names_model(variant) for variant in variants):
             shown = [(name, index) for name, index in shown if name != "model"]  # the variant names it
         # A diverged or failed run shows as "—": the statuses say why, where any run did not finish.
         unfinished = any(row.get("run statuses", "").partition(":")[0] not in ("", "finished")

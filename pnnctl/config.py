@@ -473,6 +473,12 @@ def _toml_value(value: Any) -> str:
     return json.dumps(str(value), ensure_ascii=False).replace("\x7f", "\\u007f")
 
 
+def stored_form(config: RunConfig) -> dict[str, Any]:
+    """``config`` as its run folder's config.toml reads back: compared with a stored one through the same
+    TOML writer, tuples, lists and absent options compare alike."""
+    return tomllib.loads(to_toml(config_to_dict(config)))
+
+
 def to_toml(values: Mapping[str, Any]) -> str:
     """A small TOML writer for flat values and one level of tables (all pnnctl configs need)."""
     lines = [f"{key} = {_toml_value(v)}" for key, v in values.items() if not isinstance(v, Mapping)]

@@ -16,7 +16,6 @@ import itertools
 import json
 import os
 import time
-import tomllib
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -28,13 +27,13 @@ import pandas as pd
 from pnnctl.config import (
     RunConfig,
     config_from_dict,
-    config_to_dict,
     load_toml,
     loss_assignments,
     merge_layers,
     parse_set_value,
     resolve_layers,
     split_sections,
+    stored_form,
     to_toml,
 )
 from pnnctl.errors import GridInterrupted, UsageError
@@ -306,8 +305,7 @@ def _cell_state(config: RunConfig) -> str:
     stored_file = run_dir / "config.toml"
     stored = load_toml(stored_file) if stored_file.exists() else None
     if stored is not None:
-        # Both sides through the same TOML writer, so that tuples, lists and absent options compare alike.
-        asked = tomllib.loads(to_toml(config_to_dict(config)))
+        asked = stored_form(config)
         changed = changed_fields(stored, asked)
         if changed:
             key = changed[0]
@@ -319,26 +317,26 @@ def _cell_state(config: RunConfig) -> str:
                 f"{run_dir} was trained with {key}={stored.get(key)!r}, this grid asks {asked.get(key)!r}; "
                 f"{remedy}give the grid another --name (or --out), or delete that run folder",
             )
-    summary = run_dir / "summary.json"
-    if summary.exists():
+    summary_file = run_dir / "summary.json"
+    if summary_file.exists():
         try:
-            status = json.loads(summary.read_text()).get("status")
+            summary = json.loads(summary_file.read_text())
         except (OSError, json.JSONDecodeError):
-            status = None
-        if status in ("finished", "diverged"):
+            summary = {}
+        if summary.get("status") in ("finished", "diverged"):
             if stored is None or all(stored.get(k) == asked.get(k) for k in ("epochs", "budget")):
                 return "done"
-            return _finished_state(stored, config, summary, run_dir)
+            return _finished_state(stored, config, summary.get("final", {}), run_dir)
     if (run_dir / "checkpoint.pt").exists() or (run_dir / "metrics.csv").exists():
         return "partial"
     return "new"
 
 
-def _finished_state(stored: dict[str, Any], config: RunConfig, summary: Path, run_dir: Path) -> str:
-    """done or extend for a finished run asked for other epochs or budget (an error if it would be cut back)."""
+def _finished_state(stored: dict[str, Any], config: RunConfig, final: dict[str, Any], run_dir: Path) -> str:
+    """done or extend for a finished run (``final``: its summary's last row) asked for other epochs or budget
+    (an error if it would be cut back)."""
     from pnnctl.trainer import budget_reached_on_resume
 
-    final = json.loads(summary.read_text()).get("final", {})
     samples, epoch = float(final.get("samples_seen", 0)), float(final.get("epoch", 0))
     if not samples or not epoch:
         return "extend"

@@ -34,12 +34,12 @@ from pnnctl.stats import (
     cell_labels,
     cell_names,
     cell_summary,
-    cell_variant,
+    cell_variants,
     load_metrics,
     projection_text,
     reproject,
     run_summaries,
-    variant_names_model,
+    varying_label_parts,
 )
 
 #: Every figure name plot_folder may write, in the order a report shows them.
@@ -406,12 +406,10 @@ def _fig_scaling(
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4.5))
     # A line per strategy, split further by dataset, model and --vary values where those differ, so one
     # line never averages different tasks or settings (local_steps=2 and 40 made one line's error bar).
-    cells = cell_names(runs)
-    variants = [cell_variant(*values) for values in zip(cells, *(runs[c] for c in CELL_KEY), strict=True)]
+    variants = cell_variants(runs)
     frame = runs.assign(variant=variants)
-    line_keys = ["strategy"] + [c for c in ("dataset", "model", "variant") if frame[c].nunique(dropna=False) > 1]
-    if "model" in line_keys and any(variant_names_model(cell) for cell in cells):
-        line_keys.remove("model")  # "model=..." in the variant names it
+    line_keys = ["strategy", *(part for part in varying_label_parts(runs, variants) if part != "workers")]
+    line_keys += ["variant"] if frame["variant"].nunique() > 1 else []
     metric_label, metric_scale, metric_log = SCALING_METRICS[metric]
     frame = frame.assign(final_pct=runs["final_acc"] * 100.0, mb=runs[metric].astype(float) * metric_scale)
     workers = sorted(frame["workers"].dropna().unique())

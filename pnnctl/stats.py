@@ -184,28 +184,40 @@ def cell_labels(cells: pd.DataFrame) -> dict[str, str]:
     ``cells`` has a row per cell with :data:`CELL_KEY` and ``cell``. A name not built from its columns
     (a table written by hand) is kept as it is.
     """
-    varying = [column for column in _LABEL_PARTS if cells[column].nunique(dropna=False) > 1]
-    if any(variant_names_model(str(cell)) for cell in cells["cell"]):  # "model=..." says it already
-        varying = [column for column in varying if column != "model"]
+    variants = cell_variants(cells)
+    varying = varying_label_parts(cells, variants)
     labels: dict[str, str] = {}
-    for row in cells.itertuples(index=False):
+    for row, variant in zip(cells.itertuples(index=False), variants, strict=True):
         cell = str(row.cell)
-        built = default_cell_name(row.strategy, row.dataset, row.model, row.workers)
-        if cell != built and not cell.startswith(built + "/"):
-            labels[cell] = cell
+        if cell != default_cell_name(row.strategy, row.dataset, row.model, row.workers) and not variant:
+            labels[cell] = cell  # not built from its columns
             continue
         parts = [str(row.strategy)]
         parts += [str(row.dataset)] if "dataset" in varying else []
         parts += [str(row.model)] if "model" in varying else []
         parts += [_workers_text(row.workers)] if "workers" in varying else []
-        parts += [cell_variant(cell, row.strategy, row.dataset, row.model, row.workers)] if cell != built else []
+        parts += [variant] if variant else []
         labels[cell] = " · ".join(parts)
     return labels
 
 
-def variant_names_model(cell: str) -> bool:
-    """Whether a cell name's ``--vary`` values (after ``strategy/dataset/model/wN/``) include the model."""
-    variant = "/".join(cell.split("/")[4:])
+def cell_variants(cells: pd.DataFrame) -> list[str]:
+    """:func:`cell_variant` of every row of a table with :data:`CELL_KEY` (and ``cell`` where named)."""
+    names = cell_names(cells)
+    return [cell_variant(*values) for values in zip(names, *(cells[c] for c in CELL_KEY), strict=True)]
+
+
+def varying_label_parts(cells: pd.DataFrame, variants: list[str]) -> list[str]:
+    """The parts of :data:`_LABEL_PARTS` in which ``cells`` differ, less the model where a ``--vary`` value
+    (one of ``variants``) already names it."""
+    varying = [column for column in _LABEL_PARTS if cells[column].nunique(dropna=False) > 1]
+    if any(variant_names_model(variant) for variant in variants):
+        varying = [column for column in varying if column != "model"]
+    return varying
+
+
+def variant_names_model(variant: str) -> bool:
+    """Whether a cell's ``--vary`` values (``sharding=iid,model=mlp:64-16-10``) include the model."""
     return re.search(r"(^|,)model=", variant) is not None
 
 
@@ -411,10 +423,10 @@ def fastest_to_target(
     ``runs_metrics`` is the per-row metrics table (as from :func:`load_metrics`). A cell's mean is
     over the seeds that reached the target (a cell counts if any seed did); NaN when none did.
     Rows are indexed by network name; ``fastest`` is NaN where no cell reached the target, and a tuple of
-    cells where several tie. A grid over
-    several tasks gets a ``fastest on TASK`` column for each instead: a target accuracy is a
-    different bar on other data, so the winner is chosen among cells of one task. A run's task is
-    its dataset unless ``tasks`` (run_id -> name) says more, as for synthetic data of other shapes.
+    cells where several tie. A grid over several tasks gets a ``fastest on TASK`` column for each instead:
+    a target accuracy is a different bar on other data, so the winner is chosen among cells of one task.
+    A run's task is its dataset unless ``tasks`` (run_id -> name) says more, as for synthetic data of
+    other shapes.
     """
     target = _check_target(target_acc)
     if target is None:

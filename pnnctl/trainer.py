@@ -13,6 +13,7 @@ the run folder; rank 0 alone writes results.
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import json
 import math
@@ -21,7 +22,6 @@ import platform
 import signal
 import subprocess
 import time
-import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +30,16 @@ from typing import Any, Protocol
 import torch
 
 from pnnctl import __version__
-from pnnctl.config import RunConfig, check_processes, config_to_dict, parse_budget, samples_allowed, to_toml
+from pnnctl.config import (
+    RunConfig,
+    check_processes,
+    config_to_dict,
+    load_toml,
+    parse_budget,
+    samples_allowed,
+    stored_form,
+    to_toml,
+)
 from pnnctl.data import Dataset, load_dataset, shard_indices, shard_stats
 from pnnctl.errors import UsageError
 from pnnctl.faults import fault_point
@@ -233,9 +242,7 @@ def _prepare_run_dir(run_dir: Path, resume: bool, config: RunConfig) -> None:
     stored = run_dir / "config.toml"
     if resume and not checkpoint_path(run_dir, 0).exists() and stored.exists():
         # Nothing to continue: the run starts afresh, over the files of a run that may be another one.
-        from pnnctl.config import load_toml
-
-        changed = changed_fields(load_toml(stored), tomllib.loads(to_toml(config_to_dict(config))))
+        changed = changed_fields(load_toml(stored), stored_form(config))
         if changed:
             raise UsageError("resume", f"{run_dir} has no checkpoint to resume, and holds a run with other "
                                        f"settings (it differs in {', '.join(changed)}); choose --run-name or --out, "
@@ -295,9 +302,12 @@ def _samples_left(config: RunConfig, spent: dict[str, float], n_train: int, cut_
     return left
 
 
+def _reached(spent: Mapping[str, float], limits: Mapping[str, float]) -> bool:
+    return any(spent[kind] >= limit for kind, limit in limits.items())
+
+
 def _budget_reached(config: RunConfig, state: LoopState, ledger: Ledger, n_train: int) -> bool:
-    spent = _spent(state, ledger)
-    return any(spent[kind] >= limit for kind, limit in _limits(config, n_train).items())
+    return _reached(_spent(state, ledger), _limits(config, n_train))
 
 
 def budget_reached_on_resume(
@@ -309,8 +319,6 @@ def budget_reached_on_resume(
     A run that went past a limit ``config`` lowers cannot be cut back: a usage error, since reporting it
     would show a longer run's results under the shorter command (and a resumed run used to train one
     more step past it)."""
-    import dataclasses
-
     earlier = dataclasses.replace(config, epochs=float(before.get("epochs", config.epochs)),
                                   budget=str(before.get("budget", config.budget)))  # fmt: skip
     old, new = _limits(earlier, n_train), _limits(config, n_train)
@@ -322,7 +330,7 @@ def budget_reached_on_resume(
             raise UsageError(key, f"{run_dir} was trained to {trained} (epochs={earlier.epochs:g}, budget="
                                   f"{earlier.budget}) and cannot be cut back to epochs={config.epochs:g}, budget="
                                   f"{config.budget}; give it another --out or name, or delete that run folder")
-    return any(spent[kind] >= limit for kind, limit in new.items())
+    return _reached(spent, new)
 
 
 def _unused_settings(config: RunConfig, strategy: Strategy, simulated: bool) -> list[str]:
@@ -538,7 +546,7 @@ def train(
         ledger.load_state_dict(saved["ledger"])
         state = LoopState(**saved["loop"])
         shared_comm.wire_bytes_sent = float(saved.get("wire_bytes_sent", 0.0))
-        budget_reached_on_resume(saved["config"], config, _spent(state, ledger), len(y_train), run_dir)
+        reached = budget_reached_on_resume(saved["config"], config, _spent(state, ledger), len(y_train), run_dir)
         torch.set_rng_state(saved["torch_rng"])
         if main:
             if repair_csv_tail(metrics_path):
@@ -546,7 +554,7 @@ def train(
             rows = [r for r in _read_rows(metrics_path) if int(r["round"]) <= state.round]
             _rewrite_rows(metrics_path, rows)
         # Finished and nothing more asked (an epochs or budget change may ask for more): report it as it is.
-        if saved.get("finished") and _budget_reached(config, state, ledger, len(y_train)):
+        if saved.get("finished") and reached:
             summary = json.loads((run_dir / "summary.json").read_text()) if main else {}
             return RunResult(run_dir, summary.get("status", "finished"), rows, summary, notes)
     if main:  # the config the run goes on with: a resumption may ask for more epochs or another budget
