@@ -17,6 +17,7 @@ used only to fetch them when ``download=True``.
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import importlib
 import importlib.util
@@ -169,6 +170,10 @@ def _image_dataset(
     for part, images in (("training", x_train), ("test", x_test)):
         if not len(images):
             raise UsageError("dataset", f"{name}'s {part} set holds no samples")
+    if x_train.shape[1:] != x_test.shape[1:]:  # the first evaluation was a shape-mismatch traceback
+        sizes = ["x".join(str(d) for d in images.shape[1:]) for images in (x_train, x_test)]
+        raise UsageError("dataset", f"{name}'s training images are {sizes[0]} but its test images {sizes[1]}; "
+                                    "are its files from one dataset?")
     mean, std = _channel_stats(x_train)
     mean, std = mean / scale, std / scale
     # Constant images would divide by zero; leaving them unscaled is the only sensible choice.
@@ -475,6 +480,9 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
             ("numpy._core.numeric", "_frombuffer"),
             ("numpy", "ndarray"),
             ("numpy", "dtype"),
+            # Python 3 pickles of protocol 2 or lower store an array's bytes as text, turned back into bytes
+            # by _codecs.encode(text, "latin1"): text-to-bytes codecs only, nothing that runs code.
+            ("_codecs", "encode"),
         }
     )
 
@@ -485,6 +493,8 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
             return np.ndarray
         if name == "dtype":
             return np.dtype
+        if name == "encode":
+            return codecs.encode
         # Resolve through the current numpy, whatever module name the file was written with.
         for candidate in (module.replace("numpy.core.", "numpy._core."), module):
             try:
@@ -536,9 +546,12 @@ def _unpickle_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise UsageError(str(path), "'data' must be a uint8 array of shape [N, 3072]")
     try:
-        labels = np.asarray(field("labels"), dtype=np.int64).reshape(-1)
+        given = np.asarray(field("labels"))
     except (TypeError, ValueError):
-        raise UsageError(str(path), "'labels' must be a list of integers") from None
+        given = np.asarray([None])
+    if given.size and given.dtype.kind not in "iu":  # 1.5 was cut to 1, and 2**70 an OverflowError traceback
+        raise UsageError(str(path), "'labels' must be a list of integers from 0 to 9")
+    labels = given.astype(np.int64).reshape(-1)
     if len(labels) != len(data):
         raise UsageError(str(path), f"has {len(labels)} labels for {len(data)} images")
     _check_labels(labels, range(10), path)

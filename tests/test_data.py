@@ -410,6 +410,37 @@ def test_cifar10_refuses_foreign_globals(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+def test_cifar10_reads_a_python3_pickle_of_protocol_2(tmp_path: Path) -> None:
+    # Such a pickle stores the arrays' bytes as text and calls _codecs.encode, which the loader refused.
+    arrays = make_cifar(tmp_path)
+    folder = tmp_path / "cifar-10-batches-py"
+    images, labels = arrays["x_test"].reshape(len(arrays["x_test"]), -1), [int(v) for v in arrays["y_test"]]
+    test_batch = {b"data": images, b"labels": labels}
+    (folder / "test_batch").write_bytes(pickle.dumps(test_batch, protocol=2))
+    assert_matches_raw(load_dataset("cifar10", data_dir=tmp_path), arrays)
+
+
+@pytest.mark.parametrize("labels", [[1.5] * 5, [2**70] * 5, ["3"] * 5])
+def test_cifar10_labels_that_are_not_integers_are_refused(tmp_path: Path, labels: list) -> None:
+    # 1.5 was read as 1, 2**70 was an OverflowError traceback.
+    make_cifar(tmp_path)
+    data = np.zeros((5, 3072), dtype=np.uint8)
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps({b"data": data, b"labels": labels}))
+    with pytest.raises(UsageError) as info:
+        load_dataset("cifar10", data_dir=tmp_path)
+    assert str(info.value).endswith("test_batch: 'labels' must be a list of integers from 0 to 9")
+
+
+def test_idx_files_of_two_image_sizes_are_refused(tmp_path: Path) -> None:
+    # The run's first evaluation was a shape-mismatch traceback, after its folder was made.
+    make_mnist_raw(tmp_path)
+    write_idx(tmp_path / "MNIST" / "raw" / "t10k-images-idx3-ubyte", np.zeros((10, 8, 8), dtype=np.uint8))
+    with pytest.raises(UsageError) as info:
+        load_dataset("mnist", data_dir=tmp_path)
+    assert str(info.value) == ("dataset: mnist's training images are 1x28x28 but its test images 1x8x8; are its "
+                               "files from one dataset?")
+
+
 def test_cifar10_missing_and_corrupt_batch(tmp_path: Path) -> None:
     make_cifar(tmp_path)
     folder = tmp_path / "cifar-10-batches-py"
