@@ -108,6 +108,16 @@ def peak_memory_bytes(device: torch.device) -> int:
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * (1 if sys.platform == "darwin" else 1024)
 
 
+def device_memory_bytes(device: torch.device) -> int | None:
+    """The memory ``device`` has in all (a GPU's, or the machine's RAM), None where it cannot be read."""
+    if device.type == "cuda":
+        return int(torch.cuda.get_device_properties(device).total_memory)
+    try:
+        return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
 def reset_peak_memory(device: torch.device) -> None:
     """Start the peak-memory record afresh, so that a run reports its own peak.
 

@@ -153,6 +153,7 @@ from pnnctl.models import (
     rebuild,
     register_model_family,
 )
+from pnnctl.runtime import device_memory_bytes
 from pnnctl.training import ShardSampler, make_optimizer
 from strategies import register
 from strategies.base import Footprint, RoundResult, Strategy, StrategyContext, steps_this_round
@@ -482,6 +483,19 @@ def make_units(n_classes: int, n_workers: int, placement: str, loss: str, per_el
 # Partitioned L-BFGS in a trust region
 
 
+def _check_history_fits(memory: int, element_index: list[Tensor], device: torch.device) -> None:
+    """A usage error where the secant histories of ``memory`` pairs cannot fit on ``device``: psl.memory =
+    1000000 asked torch for 174 GB and failed with a traceback."""
+    elements, n_max = len(element_index), max(len(ix) for ix in element_index)
+    needed = PartitionedLBFGS.STORED_PER_PAIR * elements * memory * n_max * 4  # fp32
+    available = device_memory_bytes(device)
+    if available is not None and needed > available:
+        raise UsageError("psl.memory", f"{memory} pairs of {elements} element(s) of up to {n_max} coordinates take "
+                                       f"{needed / 1e9:.3g} GB, more than the {available / 1e9:.3g} GB "
+                                       f"{'this machine' if device.type == 'cpu' else device} has (L-BFGS "
+                                       "usually keeps 3 to 20 pairs)")
+
+
 class PartitionedLBFGS:
     """B = sum_e U_e^T B_e U_e with one L-BFGS matrix per element; Steihaug-Toint trust-region steps.
 
@@ -489,6 +503,9 @@ class PartitionedLBFGS:
     ``dim``. A single element covering everything is plain L-BFGS. All elements are handled in one
     padded ``[E, n_max]`` gather/scatter: no Python loop over elements.
     """
+
+    #: ``[E, memory, n_max]`` tensors it holds: S, Y, the unrolled A and Bv, and a temporary in _refresh
+    STORED_PER_PAIR: ClassVar[int] = 5
 
     def __init__(
         self,
@@ -805,6 +822,7 @@ class PSL(Strategy):
                 if per_element
                 else [torch.arange(self.dim)]
             )
+            _check_history_fits(options.memory, index, device)
             self.qn = PartitionedLBFGS(
                 index,
                 self.dim,

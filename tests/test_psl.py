@@ -362,6 +362,23 @@ def test_too_many_workers_names_the_bound_and_the_request(small_config, build_st
                                 "45 workers, not 46")
 
 
+def test_a_secant_history_the_machine_cannot_hold_is_refused_before_it_is_allocated(
+    small_config, build_strategy, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # psl.memory = 1000000 asked torch for 174 GB and ended in a RuntimeError traceback.
+    monkeypatch.setattr("strategies.psl.device_memory_bytes", lambda device: 10**9)
+    dim = 64 * 32 + 32 + 32 * 10 + 10
+    too_long = psl_config(small_config, model="mlp:64-32-10", options={"optimizer": "lbfgs", "memory": 100_000})
+    with pytest.raises(UsageError) as error:
+        build_strategy(too_long)
+    needed = 5 * 100_000 * dim * 4  # S, Y, A, Bv and a temporary, fp32, one element of every coordinate
+    assert str(error.value) == (f"psl.memory: 100000 pairs of 1 element(s) of up to {dim} coordinates take "
+                                f"{needed / 1e9:.3g} GB, more than the 1 GB this machine has (L-BFGS usually "
+                                "keeps 3 to 20 pairs)")
+    fits = psl_config(small_config, model="mlp:64-32-10", options={"optimizer": "lbfgs", "memory": 20})
+    assert build_strategy(fits).qn.memory == 20
+
+
 @pytest.mark.distributed
 def test_two_process_run_equals_simulation(tmp_path: Path) -> None:
     # plbfgs exercises everything the master replicates across ranks (the trust region, the
