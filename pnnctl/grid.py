@@ -452,6 +452,7 @@ def report_folder(
     reprojected = reproject(as_run, network)
     if target_acc is None:
         target_acc = _target_from_folder(folder)
+    target_acc = target_acc or None  # 0 is none, as in a run's config
     cells = cell_summary(run_summaries(reprojected, target_acc))
     if (folder / "runs").is_dir():
         write_summary_csv(folder, cells)
@@ -512,14 +513,27 @@ def _target_from_folder(folder: Path) -> float | None:
 
 
 def _environment(folder: Path) -> dict[str, Any]:
-    candidates = [folder / "env.json", *sorted(folder.glob("runs/*/env.json"))[:1]]
-    for path in candidates:
-        if path.exists():
-            env = json.loads(path.read_text())
-            env.pop("shards", None)
-            env["report written"] = time.strftime("%Y-%m-%d %H:%M:%S")
-            return env
-    return {}
+    """A run's env.json, or for a grid every run's together: a value the runs share as it is, one they do
+    not as each value with its number of runs (start times as the first and last). The report showed the
+    first run's alone: its seed, world size and commit for every run of the grid."""
+    paths = [folder / "env.json"] if (folder / "env.json").exists() else sorted(folder.glob("runs/*/env.json"))
+    envs = [json.loads(path.read_text()) for path in paths]
+    if not envs:
+        return {}
+    merged: dict[str, Any] = {}
+    for key in dict.fromkeys(key for env in envs for key in env if key != "shards"):
+        values = [env.get(key, "") for env in envs]
+        counts: dict[str, int] = {}
+        for value in values:
+            counts[str(value)] = counts.get(str(value), 0) + 1
+        if len(counts) == 1:
+            merged[key] = values[0]
+        elif key == "started":
+            merged[key] = f"{min(counts)} to {max(counts)}"
+        else:
+            merged[key] = "; ".join(f"{value} ({n} run{'s' * (n > 1)})" for value, n in counts.items())
+    merged["report written"] = time.strftime("%Y-%m-%d %H:%M:%S")
+    return merged
 
 
 def _published_numbers(strategies: set[str]) -> dict[str, str]:

@@ -248,12 +248,14 @@ def cell_names(metrics: pd.DataFrame) -> pd.Series:
 
 
 def _check_target(target_acc: float | None) -> float | None:
+    """The target as a fraction, None for none: 0 means none, as in a run's config (``plot --target-acc 0``
+    reported "Target accuracy: 0.00%", every run reaching it before training)."""
     if target_acc is None:
         return None
     target = float(target_acc)
     if not 0.0 <= target <= 1.0:
-        raise UsageError("target_acc", f"{target_acc} is not a fraction in [0, 1] (write 0.9 for 90%)")
-    return target
+        raise UsageError("target_acc", f"{target_acc} is not a fraction in [0, 1] (write 0.9 for 90%; 0 for none)")
+    return target or None
 
 
 def _first_reaching(metrics: pd.DataFrame, target: float) -> pd.DataFrame:

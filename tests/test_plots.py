@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -352,3 +353,36 @@ def test_a_to_target_scaling_metric_is_drawn_from_the_folders_target(
     plot_folder(tmp_path, formats=("png",), scaling_metric="epochs_to_target", target_acc=0.5)
     # Both runs pass 50% at their third evaluation (epoch 2.5); without the target the panel was empty.
     assert drawn["y"] == [[2.5, 2.5]]
+
+
+def test_a_target_of_zero_is_no_target_as_in_a_runs_config(tmp_path: Path) -> None:
+    from pnnctl.grid import report_folder
+
+    for workers in (2, 4):
+        write_run(tmp_path, "allreduce", workers, 0)
+    report_folder(tmp_path, target_acc=0.5, draw=False)
+    assert "Target accuracy: 50.00%" in (tmp_path / "report.md").read_text()
+    # `plot --target-acc 0` reported "Target accuracy: 0.00%", every run reaching it before training.
+    report_folder(tmp_path, target_acc=0.0, draw=False)
+    assert "Target accuracy" not in (tmp_path / "report.md").read_text()
+    summary = pd.read_csv(tmp_path / "summary.csv")
+    assert summary["target_acc"].isna().all() and summary["epochs_to_target_mean"].isna().all()
+
+
+def test_the_environment_table_covers_every_run_of_a_grid(tmp_path: Path) -> None:
+    from pnnctl.grid import report_folder
+
+    for workers, seed, world_size, started in ((2, 0, 1, "2026-01-02T10:00:00"), (4, 1, 2, "2026-01-02T09:00:00"),
+                                                (4, 2, 2, "2026-01-02T11:00:00")):  # fmt: skip
+        write_run(tmp_path, "allreduce", workers, seed)
+        env = {"torch": "2.13.0", "seed": seed, "world_size": world_size, "started": started, "shards": [1]}
+        (tmp_path / "runs" / f"allreduce-w{workers}-s{seed}" / "env.json").write_text(json.dumps(env))
+    report_folder(tmp_path, draw=False)
+    # It showed the first run's env.json alone: seed 0 and world size 1 for every run.
+    rows = [line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| ")]
+    assert rows[2:6] == [
+        "| torch | 2.13.0 |",
+        "| seed | 0 (1 run); 1 (1 run); 2 (1 run) |",
+        "| world_size | 1 (1 run); 2 (2 runs) |",
+        "| started | 2026-01-02T09:00:00 to 2026-01-02T11:00:00 |",
+    ]
