@@ -214,7 +214,7 @@ def train(
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the resolved config and stop")] = False,
 ) -> None:
     """Train one run into OUT/RUN_NAME/ (metrics.csv, summary.json, config.toml, env.json)."""
-    from pnnctl.config import loss_assignments, resolve_config
+    from pnnctl.config import resolve_config, resumed_limits
 
     flags = _flags(
         strategy=strategy, dataset=dataset, model=model, workers=workers, epochs=epochs,
@@ -223,9 +223,9 @@ def train(
         download=download, network=network, budget=budget, eval_every=eval_every, nproc=nproc,
         backend=backend,
     )
-    cfg = resolve_config(config, flags, set_ or [])
-    if loss is not None:
-        cfg = resolve_config(config, flags, [*(set_ or []), *loss_assignments(loss, [cfg.strategy])])
+    cfg = resolve_config(config, flags, set_ or [], loss=loss)
+    if resume:  # what the command does not say of how far to train, the run folder's config.toml does
+        cfg = resolve_config(config, flags, set_ or [], resumed_limits(Path(cfg.out) / cfg.run_id), loss)
     if fmt not in ("table", "json"):
         raise UsageError("format", f"must be table or json, not {fmt!r}")
     if dry_run:

@@ -401,17 +401,34 @@ def merge_layers(base: dict[str, Any], update: Mapping[str, Any]) -> dict[str, A
     return merged
 
 
+#: What a resumed run may change and otherwise keeps from its run folder's config.toml: how far it trains and
+#: how often it checkpoints. (``out`` and ``device``, where it runs, may change too, but are not carried.)
+RESUME_CARRIES = ("epochs", "budget", "target_acc", "checkpoint_every", "timeout_s")
+
+
+def resumed_limits(run_dir: Path) -> dict[str, Any]:
+    """The ``RESUME_CARRIES`` values a run folder's config.toml holds (none if it has none): a ``--resume``
+    that did not repeat ``--epochs`` trained to the default 5 epochs, whatever the run was started with."""
+    stored = run_dir / "config.toml"
+    values = load_toml(stored) if stored.is_file() else {}
+    return {key: values[key] for key in RESUME_CARRIES if key in values}
+
+
 def resolve_layers(
     file_values: Mapping[str, Any] | None = None,
     flags: Mapping[str, Any] | None = None,
     assignments: list[str] | None = None,
     source: str = "config",
+    underneath: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Defaults < TOML document < flags < ``--set``, merged but not yet validated.
+    """Defaults < ``underneath`` (a resumed run's own limits) < TOML document < flags < ``--set``, merged but
+    not yet validated.
 
     Every strategy's option table is kept, so a grid can build each strategy's config from it.
     """
     layered: dict[str, Any] = {"options": {}}
+    if underneath:
+        layered = merge_layers(layered, dict(underneath))
     if file_values:
         layered = merge_layers(layered, split_sections(file_values, source))
     if flags:
@@ -425,15 +442,25 @@ def resolve_config(
     config_file: str | Path | None = None,
     flags: Mapping[str, Any] | None = None,
     assignments: list[str] | None = None,
+    underneath: Mapping[str, Any] | None = None,
+    loss: str | None = None,
 ) -> RunConfig:
-    """Defaults < TOML file < flags < ``--set``; then validate.
+    """Defaults < ``underneath`` < TOML file < flags < ``--set``; then validate. ``loss`` is ``--loss``:
+    ``--set STRATEGY.loss=LOSS`` for the strategy the layers name, added before anything is validated
+    (checked first without it, ``--loss squared --set consensus.surrogate=gauss-newton`` was refused).
 
     A file's ``[compare]`` table (an experiment file, a grid's grid.toml) is the grid's, not the run's:
     one run of an experiment is ``--config FILE --strategy NAME``, so it is left out here."""
     file_values = load_toml(config_file) if config_file else None
     if file_values:
         file_values.pop("compare", None)
-    return config_from_dict(resolve_layers(file_values, flags, assignments, str(config_file)))
+    source = str(config_file)
+    layers = resolve_layers(file_values, flags, assignments, source, underneath)
+    if loss is not None:
+        strategy = str(layers.get("strategy", RunConfig.strategy))
+        with_loss = [*(assignments or []), *loss_assignments(loss, [strategy])]
+        layers = resolve_layers(file_values, flags, with_loss, source, underneath)
+    return config_from_dict(layers)
 
 
 def config_from_dict(values: Mapping[str, Any]) -> RunConfig:

@@ -14,10 +14,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import os
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +35,7 @@ from pnnctl.config import (
     to_toml,
 )
 from pnnctl.errors import GridInterrupted, UsageError
-from pnnctl.io import atomic_write_text
+from pnnctl.io import atomic_write_text, folder_lock
 from pnnctl.network import NETWORK_PRESETS, NetworkModel
 
 GRID_KEYS = ("strategies", "workers", "seeds", "datasets", "name", "vary")
@@ -133,54 +131,6 @@ class CompareOutcome:
     aggregate_note: str = "mean ± std over seeds"
     #: (run_id, warning) of the cells run by this call, such as a budget overshot by a whole round
     warnings: list[tuple[str, str]] = field(default_factory=list)
-
-
-@contextmanager
-def grid_lock(folder: Path) -> Iterator[None]:
-    """One writer per grid folder: an O_EXCL lock file holding the owner's pid.
-
-    A lock whose process is gone (killed grid) is taken over, so a killed compare can resume. Folders
-    made for the lock are removed again if nothing else was written in them (a refused grid).
-    """
-    made = [path for path in (folder, *folder.parents) if not path.exists()]
-    folder.mkdir(parents=True, exist_ok=True)
-    lock = folder / ".lock"
-    for _ in range(2):
-        try:
-            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-        except FileExistsError:
-            try:
-                owner = int(lock.read_text().strip() or "0")
-            except (OSError, ValueError):
-                owner = 0
-            if owner and _alive(owner):
-                msg = f"{folder} is being written by another compare (pid {owner}); wait for it"
-                raise UsageError("out", msg) from None
-            lock.unlink(missing_ok=True)
-            continue
-        with os.fdopen(fd, "w") as handle:
-            handle.write(str(os.getpid()))
-        break
-    else:
-        raise UsageError("out", f"cannot lock {folder}")
-    try:
-        yield
-    finally:
-        lock.unlink(missing_ok=True)
-        for path in made:  # innermost first
-            if any(path.iterdir()):
-                break
-            path.rmdir()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def parse_vary(text: str) -> tuple[str, list[Any]]:
@@ -388,7 +338,7 @@ def compare(
     configs = cell_configs(layers, grid, folder)
     failures: list[dict[str, Any]] = []
     warnings: list[tuple[str, str]] = []
-    with grid_lock(folder):
+    with folder_lock(folder, "compare"):
         # Every cell is checked against what its folder holds before anything is written or run.
         states = _checked_states(configs)
         atomic_write_text(folder / "grid.toml", _grid_toml(layers, grid, command))

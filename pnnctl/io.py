@@ -112,3 +112,51 @@ def repair_csv_tail(path: Path) -> bool:
     keep = data[: data.rfind(b"\n") + 1]
     atomic_write_bytes(path, keep)
     return True
+
+
+@contextlib.contextmanager
+def folder_lock(folder: Path, writer: str) -> Iterator[None]:
+    """One ``writer`` (a compare, a train) per folder: an O_EXCL lock file holding the owner's pid.
+
+    A lock whose process is gone (a killed run) is taken over, so a killed run can resume. Folders made
+    for the lock are removed again if nothing else was written in them (a refused grid).
+    """
+    made = [path for path in (folder, *folder.parents) if not path.exists()]
+    folder.mkdir(parents=True, exist_ok=True)
+    lock = folder / ".lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            try:
+                owner = int(lock.read_text().strip() or "0")
+            except (OSError, ValueError):
+                owner = 0
+            if owner and _alive(owner):
+                msg = f"{folder} is being written by another {writer} (pid {owner}); wait for it"
+                raise UsageError("out", msg) from None
+            lock.unlink(missing_ok=True)
+            continue
+        with os.fdopen(fd, "w") as handle:
+            handle.write(str(os.getpid()))
+        break
+    else:
+        raise UsageError("out", f"cannot lock {folder}")
+    try:
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+        for path in made:  # innermost first
+            if any(path.iterdir()):
+                break
+            path.rmdir()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

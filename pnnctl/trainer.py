@@ -13,6 +13,7 @@ the run folder; rank 0 alone writes results.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import io
 import json
@@ -31,6 +32,7 @@ import torch
 
 from pnnctl import __version__
 from pnnctl.config import (
+    RESUME_CARRIES,
     RunConfig,
     check_processes,
     config_to_dict,
@@ -43,7 +45,14 @@ from pnnctl.config import (
 from pnnctl.data import Dataset, load_dataset, shard_indices, shard_stats
 from pnnctl.errors import UsageError
 from pnnctl.faults import fault_point
-from pnnctl.io import append_csv_row, atomic_write_bytes, atomic_write_text, json_text, repair_csv_tail
+from pnnctl.io import (
+    append_csv_row,
+    atomic_write_bytes,
+    atomic_write_text,
+    folder_lock,
+    json_text,
+    repair_csv_tail,
+)
 from pnnctl.network import parse_network
 from pnnctl.runtime import (
     Runtime,
@@ -66,7 +75,7 @@ CHECKPOINT_FORMAT = 2  # 2: allreduce keeps one shared replica per process
 RESERVED_FILES = frozenset({"metrics.csv", "summary.json", "config.toml", "env.json", "checkpoint.pt"})
 
 #: Config fields that may change between a run and its resumption without changing its results.
-RESUMABLE_CHANGES = frozenset({"out", "device", "timeout_s", "epochs", "budget", "target_acc", "checkpoint_every"})
+RESUMABLE_CHANGES = frozenset({"out", "device", *RESUME_CARRIES})
 
 
 class Progress(Protocol):
@@ -235,7 +244,9 @@ def check_resumable(saved: dict[str, Any], config: RunConfig, path: Path, world_
         )
 
 
-def _prepare_run_dir(run_dir: Path, resume: bool, config: RunConfig) -> None:
+def _prepare_run_dir(run_dir: Path, resume: bool, config: RunConfig, held: contextlib.ExitStack) -> None:
+    """Check that ``run_dir`` may be (re)written, make it and lock it for this process until ``held`` closes:
+    two ``train --resume`` of one run at once wrote every metrics row twice."""
     if (run_dir / "metrics.csv").exists() and not resume:
         msg = f"{run_dir} already holds a run; pass --resume to continue it, or choose --run-name or --out"
         raise UsageError("run_name", msg)
@@ -253,6 +264,7 @@ def _prepare_run_dir(run_dir: Path, resume: bool, config: RunConfig) -> None:
         raise UsageError("out", f"cannot create {run_dir}: {exc.strerror or exc}") from None
     if not os.access(run_dir, os.W_OK):
         raise UsageError("out", f"{run_dir} is not writable")
+    held.enter_context(folder_lock(run_dir, "train"))
     for stale in run_dir.glob(".*.tmp"):  # half-written temporaries of a killed run; the real files are whole
         stale.unlink(missing_ok=True)
 
@@ -276,7 +288,9 @@ def _spent(state: LoopState, ledger: Ledger) -> dict[str, float]:
 
 
 def _limits(config: RunConfig, n_train: int) -> dict[str, float]:
-    """The caps on what ``_spent`` measures: epochs and a samples budget cap samples; another budget its own."""
+    """The caps on what ``_spent`` measures: epochs and a samples budget cap samples; another budget its own.
+    The samples cap is lowered by a billionth of an epoch, so that a fractional epoch (0.1 x 1437 samples,
+    143.70000000000002) counts as reached by the samples that make it up."""
     limits = {"samples": samples_allowed(config, n_train) - 1e-9 * n_train}
     budget = parse_budget(config.budget)
     if budget is not None and budget[0] != "samples":
@@ -323,7 +337,10 @@ def budget_reached_on_resume(
                                   budget=str(before.get("budget", config.budget)))  # fmt: skip
     old, new = _limits(earlier, n_train), _limits(config, n_train)
     for kind, limit in new.items():
-        if spent[kind] > limit and limit < old.get(kind, math.inf):
+        # Past the cap itself: the samples limit sits a billionth of an epoch below it (see _limits), and a run
+        # stopped exactly at a samples budget was refused as if trained past it.
+        cap = limit + 1e-9 * n_train if kind == "samples" else limit
+        if spent[kind] > cap and limit < old.get(kind, math.inf):
             key = "epochs" if kind == "samples" and config.epochs != earlier.epochs else "budget"
             trained = {"samples": f"{spent['samples'] / n_train:.4g} epochs", "bytes": f"{spent['bytes']:.4g} bytes",
                        "seconds": f"{spent['seconds']:.4g} s of compute"}[kind]  # fmt: skip
@@ -492,6 +509,18 @@ def train(
     runtime: Runtime | None = None,
 ) -> RunResult:
     """Run (or resume) one training run into ``<out>/<run_id>/`` and return its rows and summary."""
+    with contextlib.ExitStack() as held:  # the run folder's lock, on the process that writes it
+        return _train_holding(config, resume, progress, comm, runtime, held)
+
+
+def _train_holding(
+    config: RunConfig,
+    resume: bool,
+    progress: Progress | None,
+    comm: Comm | None,
+    runtime: Runtime | None,
+    held: contextlib.ExitStack,
+) -> RunResult:
     progress = progress or NullProgress()
     runtime = runtime or detect_runtime()
     device = resolve_device(config.device, runtime.local_rank, runtime.local_world_size)
@@ -520,7 +549,7 @@ def train(
     problem = ""
     if main:
         try:
-            _prepare_run_dir(run_dir, resume, config)
+            _prepare_run_dir(run_dir, resume, config, held)
         except UsageError as exc:
             problem = str(exc)
     # Every rank must stop on rank 0's error, or the others would wait for it in a collective.
@@ -635,9 +664,11 @@ def train(
         if main:
             append_csv_row(metrics_path, METRIC_COLUMNS, row)
             fault_point("metrics-append")
-            text = json_text(full_summary(), indent=2) + "\n"
-            atomic_write_text(run_dir / "summary.json", text, fault="summary-write")
+            write_summary()
         progress.update(float(row["epoch"]), float(row["train_loss"]), float(row["test_acc"]))
+
+    def write_summary() -> None:
+        atomic_write_text(run_dir / "summary.json", json_text(full_summary(), indent=2) + "\n", fault="summary-write")
 
     def checkpoint(finished: bool = False) -> None:
         if shared_comm.world_size > 1 and ckpt.exists():
@@ -667,6 +698,19 @@ def train(
         checkpoint()  # so that a run diverging in its first round still has a good checkpoint
 
     status = "running"
+    if saved is not None and reached:
+        # Resumed with a limit the run stopped exactly at (a lower --epochs or budget): nothing is left to
+        # train, and the run ends as an uninterrupted one with that limit would have (it used to train a step).
+        warnings = unused + _sparse_evaluations(config, state.longest_round)
+        if shared_comm.any_true(bool(rows) and int(rows[-1]["round"]) == state.round):
+            rows[-1]["status"] = "finished"  # evaluated at this round already: that row is the last
+            if main:
+                _rewrite_rows(metrics_path, rows)
+                write_summary()
+        else:
+            emit(make_row("finished"))
+        checkpoint(finished=True)
+        status = "finished"
     with StopRequest() as stop:
         while status == "running":
             if shared_comm.any_true(stop.signal is not None):

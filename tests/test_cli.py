@@ -274,6 +274,16 @@ def test_loss_flag_sets_the_loss_option_of_strategies_that_have_one(cli, tmp_pat
     grid = cli("compare", "--strategies", "psl,allreduce", "--datasets", "digits", "--model", "mlp:64-16-10",
                "--loss", "ce", "--out", str(tmp_path), "--dry-run")
     assert grid.code == 0, grid.err
+    # The loss is set before the config is checked: train refused what it makes valid (compare took it).
+    squared = cli("train", "--strategy", "consensus", *TINY, "--loss", "squared", "--set",
+                  "consensus.surrogate=gauss-newton", "--dry-run")  # fmt: skip
+    assert squared.code == 0, squared.err
+    assert 'loss = "squared"' in squared.out and 'surrogate = "gauss-newton"' in squared.out
+    # One name for cross-entropy in a grid of strategies that spell it differently (psl: ce).
+    for name in ("ce", "cross-entropy"):
+        both = cli("compare", "--strategies", "psl,dgd", "--datasets", "digits", "--model", "mlp:64-16-10",
+                   "--loss", name, "--out", str(tmp_path), "--dry-run")  # fmt: skip
+        assert both.code == 0, both.err
 
 
 def test_precision_flag_reaches_the_run_config_and_refuses_what_it_does_not_know(cli, tmp_path: Path) -> None:

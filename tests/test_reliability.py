@@ -42,6 +42,59 @@ def test_sigkill_at_any_point_resumes_to_identical_metrics(point: str, tmp_path:
     pd.testing.assert_frame_equal(deterministic(final), deterministic(uninterrupted))
 
 
+WITHOUT_EPOCHS = RUN[: RUN.index("--epochs")] + RUN[RUN.index("--epochs") + 2 :]
+
+
+def test_a_resume_that_does_not_repeat_the_epochs_trains_to_the_runs_own(tmp_path: Path) -> None:
+    # It trained to the default 5 epochs instead, whatever the run was started with.
+    whole = run_cli([*WITHOUT_EPOCHS, "--epochs", "1.5", "--out", str(tmp_path / "whole")])
+    assert whole.returncode == 0, whole.stderr
+    killed = run_cli([*WITHOUT_EPOCHS, "--epochs", "1.5", "--out", str(tmp_path)], env={"PNNCTL_FAULT": "round:3"})
+    assert killed.returncode == -9
+    resumed = run_cli([*WITHOUT_EPOCHS, "--out", str(tmp_path), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    metrics = [pd.read_csv(folder / "local-sgd-w3-s0" / "metrics.csv") for folder in (tmp_path, tmp_path / "whole")]
+    pd.testing.assert_frame_equal(*(deterministic(rows) for rows in metrics))
+    assert metrics[0]["epoch"].iloc[-1] == pytest.approx(1.5, abs=0.05)
+
+
+def test_a_resume_with_a_budget_the_checkpoint_meets_exactly_finishes_without_training(tmp_path: Path) -> None:
+    import torch
+
+    killed = run_cli([*RUN, "--out", str(tmp_path)], env={"PNNCTL_FAULT": "round:4"})
+    assert killed.returncode == -9
+    run_dir = tmp_path / "local-sgd-w3-s0"
+    samples = torch.load(run_dir / "checkpoint.pt", weights_only=True)["loop"]["samples"]
+    budget = ["--budget", f"samples={samples}"]
+    # It was refused as "trained past" the budget it had exactly reached.
+    resumed = run_cli([*RUN, *budget, "--out", str(tmp_path), "--resume"])
+    assert resumed.returncode == 0, resumed.stderr
+    whole = run_cli([*RUN, *budget, "--out", str(tmp_path / "whole")])
+    assert whole.returncode == 0, whole.stderr
+    metrics = [pd.read_csv(folder / "local-sgd-w3-s0" / "metrics.csv") for folder in (tmp_path, tmp_path / "whole")]
+    pd.testing.assert_frame_equal(*(deterministic(rows) for rows in metrics))
+    assert metrics[0]["samples_seen"].iloc[-1] == samples and metrics[0]["status"].iloc[-1] == "finished"
+
+
+def test_a_run_being_written_is_not_resumed_alongside(cli, tmp_path: Path, uninterrupted) -> None:
+    # Two resumptions at once appended every metrics row twice.
+    killed = run_cli([*RUN, "--out", str(tmp_path)], env={"PNNCTL_FAULT": "round:3"})
+    assert killed.returncode == -9
+    run_dir = tmp_path / "local-sgd-w3-s0"
+    (run_dir / ".lock").write_text(str(os.getppid()))  # a live process writes it
+    before = {p: p.read_bytes() for p in run_dir.iterdir()}
+    refused = cli(*RUN, "--out", tmp_path, "--resume")
+    assert refused.code == 2
+    assert refused.err_lines == [f"error: out: {run_dir} is being written by another train (pid {os.getppid()}); "
+                                 "wait for it"]
+    assert {p: p.read_bytes() for p in run_dir.iterdir()} == before
+    (run_dir / ".lock").write_text("999999999")  # left by a killed run: taken over
+    assert cli(*RUN, "--out", tmp_path, "--resume").code == 0
+    assert not (run_dir / ".lock").exists()
+    final = pd.read_csv(run_dir / "metrics.csv")
+    pd.testing.assert_frame_equal(deterministic(final), deterministic(uninterrupted))
+
+
 def test_torn_metrics_line_is_dropped_on_resume_with_a_warning(tmp_path: Path, uninterrupted) -> None:
     killed = run_cli([*RUN, "--out", str(tmp_path)], env={"PNNCTL_FAULT": "round:5"})
     assert killed.returncode == -9
@@ -224,17 +277,17 @@ def test_a_grid_with_a_cell_its_strategy_or_data_refuses_runs_nothing(cli, tmp_p
 
 def test_second_writer_is_refused_by_the_lock(tmp_path: Path) -> None:
     from pnnctl.errors import UsageError
-    from pnnctl.grid import grid_lock
+    from pnnctl.io import folder_lock
 
     folder = tmp_path / "grid"
     folder.mkdir()
-    with grid_lock(folder):
+    with folder_lock(folder, "compare"):
         (folder / ".lock").write_text(str(os.getppid()))  # another live process holds it
-        with pytest.raises(UsageError, match="another compare"), grid_lock(folder):
+        with pytest.raises(UsageError, match="another compare"), folder_lock(folder, "compare"):
             pass
     # A lock left by a dead process (a killed compare) is taken over.
     (folder / ".lock").write_text("999999999")
-    with grid_lock(folder):
+    with folder_lock(folder, "compare"):
         assert (folder / ".lock").read_text() == str(os.getpid())
 
 
