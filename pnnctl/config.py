@@ -310,17 +310,21 @@ def validate(config: RunConfig) -> RunConfig:
     ):
         if not ok:
             raise UsageError(f"synthetic.{name}", f"must be {allowed}, not {getattr(synthetic, name)!r}")
-    options = config.strategy_options()
-    check = getattr(options, "validate", None)
-    if check is not None:
-        try:
-            check()
-        except UsageError as exc:
-            # Name the option the way the user types it: STRATEGY.OPTION.
-            if "." not in exc.field and exc.field in {f.name for f in fields(options)}:
-                raise UsageError(f"{config.strategy}.{exc.field}", exc.problem) from None
-            raise
+    check_options(config.strategy, config.strategy_options())
     return config
+
+
+def check_options(strategy: str, options: Any) -> None:
+    """Run a strategy's options' own ``validate``, naming a field the way the user types it: STRATEGY.OPTION."""
+    check = getattr(options, "validate", None)
+    if check is None:
+        return
+    try:
+        check()
+    except UsageError as exc:
+        if "." not in exc.field and exc.field in {f.name for f in fields(options)}:
+            raise UsageError(f"{strategy}.{exc.field}", exc.problem) from None
+        raise
 
 
 def split_sections(raw: Mapping[str, Any], source: str) -> dict[str, Any]:
@@ -469,13 +473,13 @@ def config_from_dict(values: Mapping[str, Any]) -> RunConfig:
     all_options = values.pop("options", {}) or {}
     config = build_dataclass(RunConfig, values, prefix="")
     # Only the chosen strategy's table applies; others in a shared experiment file are ignored, but
-    # their names and types are checked all the same: a typo there would otherwise surface only when
-    # that strategy runs, if ever (``--set ist.local_step=5`` on a centralized run did nothing).
+    # their names, types and values are checked all the same: a typo there would otherwise surface only
+    # when that strategy runs, if ever (``--set ist.local_step=5`` on a centralized run did nothing).
     from strategies import get_strategy
 
     for name, table in all_options.items():
         if name != config.strategy:
-            build_dataclass(get_strategy(name).Options, dict(table), prefix=name)
+            check_options(name, build_dataclass(get_strategy(name).Options, dict(table), prefix=name))
     chosen = dict(all_options.get(config.strategy, {}))
     return validate(dataclasses.replace(config, synthetic=synthetic, options=chosen))
 

@@ -354,9 +354,12 @@ def _unused_settings(config: RunConfig, strategy: Strategy, simulated: bool) -> 
     """Notes naming the fields set away from their defaults that this run does not read: those the strategy
     says it ignores, and the backend of a run simulated in one process."""
     defaults = RunConfig()
-    fields, why = strategy.unused_settings()
-    changed = [f"{name}={getattr(config, name)}" for name in fields if getattr(config, name) != getattr(defaults, name)]
-    notes = [f"{config.strategy} does not use {', '.join(changed)}: {why}"] if changed else []
+    notes = []
+    for fields, why in strategy.unused_settings():
+        changed = [f"{name}={getattr(config, name)}" for name in fields
+                   if getattr(config, name) != getattr(defaults, name)]  # fmt: skip
+        if changed:
+            notes.append(f"{config.strategy} does not use {', '.join(changed)}: {why}")
     if simulated and config.backend != defaults.backend:
         notes.append(f"backend={config.backend} has no effect on a simulated run (it is for --nproc or torchrun)")
     return notes
@@ -373,20 +376,22 @@ def _sparse_evaluations(config: RunConfig, longest_round: float) -> list[str]:
 
 
 def _budget_overshoot(
-    config: RunConfig, before: dict[str, float], after: dict[str, float], n_train: int, cut_by_bytes: bool
+    config: RunConfig, before: dict[str, float], after: dict[str, float], n_train: int, strategy: Strategy
 ) -> list[str]:
     """Notes where the last round carried the run more than a quarter past a budget it began under.
 
-    A last round is cut to what the epochs, a samples or seconds budget or (``cut_by_bytes``: the
-    strategy's traffic grows with its steps) a bytes budget allow, but only to a whole step of every
-    worker, or not at all where a strategy cannot cut one (sil's epochs, a local-sgd or ist exchange).
+    A last round is cut to what the epochs, a samples or seconds budget or (the strategy's traffic grows
+    with its steps) a bytes budget allow, but only to a whole step of every worker, or not at all where a
+    strategy cannot cut one (``Strategy.uncut_round``: sil's epochs; a local-sgd or ist exchange for bytes).
     """
-    whole_periods = "rounds stop on a whole step of every worker, or on a whole period the strategy cannot cut"
+    whole_step = "rounds stop on a whole step of every worker"
     why = {
-        "samples": whole_periods,
-        "bytes": "rounds stop on a whole step" if cut_by_bytes else "each round is one exchange, whatever its steps",
-        "seconds": f"{whole_periods}; the time left is turned into steps at the run's rate so far",
+        "samples": whole_step,
+        "bytes": whole_step if strategy.traffic_grows_with_steps else "each round is one exchange, whatever its steps",
+        "seconds": f"{whole_step}; the time left is turned into steps at the run's rate so far",
     }
+    if strategy.uncut_round:  # the note said "rounds stop on a whole step" of sil's whole epochs
+        why = dict.fromkeys(why, f"a round is {strategy.uncut_round}, which a budget does not cut")
     notes = []
     for kind, limit in _limits(config, n_train).items():
         if after[kind] <= 1.25 * limit or before[kind] >= limit:
@@ -592,7 +597,8 @@ def _train_holding(
         if resume and metrics_path.exists():
             _rewrite_rows(metrics_path, [])  # no checkpoint to continue from: start the rows afresh too
         env = environment(config, runtime, device, backend)
-        env["shards"] = shard_stats(data.y_train, shards, data.n_classes)
+        if not any("sharding" in fields for fields, _ in strategy.unused_settings()):  # not what psl, sil train on
+            env["shards"] = shard_stats(data.y_train, shards, data.n_classes)
         atomic_write_text(run_dir / "env.json", json.dumps(env, indent=2) + "\n")
         for name, text in strategy.artifacts().items():
             if "/" in name or name.startswith(".") or name in RESERVED_FILES:
@@ -756,12 +762,14 @@ def _train_holding(
                 break
             epoch = state.samples / n_train
             done = _budget_reached(config, state, ledger, n_train) or strategy.is_done()
-            if not done:  # the last round ends in an evaluation anyway; how far it ran past is the budget's note
+            spent = _spent(state, ledger)
+            overshoot = _budget_overshoot(config, spent_before, spent, n_train, strategy) if done else []
+            if not overshoot:  # a last round that ran past the budget has the budget's note, not this one too
+                # The last round counts as well: a run of one long round (local-sgd's period, 0.5 epochs with
+                # --eval-every 0.1) evaluated once at its end, and said nothing.
                 state.longest_round = max(state.longest_round, result.samples / n_train)
             if done:
-                warnings = unused + _budget_overshoot(
-                    config, spent_before, _spent(state, ledger), n_train, strategy.traffic_grows_with_steps
-                ) + _sparse_evaluations(config, state.longest_round)
+                warnings = unused + overshoot + _sparse_evaluations(config, state.longest_round)
             if done or epoch >= state.next_eval_epoch - 1e-9:
                 # The next multiple of eval_every after this epoch (a round may cross several).
                 state.next_eval_epoch = (math.floor(epoch / config.eval_every + 1e-9) + 1) * config.eval_every

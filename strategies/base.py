@@ -97,6 +97,9 @@ class Strategy(ABC):
     #: True where a round's traffic grows with its steps, so a bytes budget can cut a round short;
     #: False where a round is one exchange whatever its length (a cut period would cost the same bytes).
     traffic_grows_with_steps: ClassVar[bool] = True
+    #: The period every round trains whole whatever a budget leaves (sil: an epoch of its schedule), named in
+    #: the note on an overshot budget; "" where a round stops on a whole step of every worker.
+    uncut_round: ClassVar[str] = ""
 
     def __init__(self, ctx: StrategyContext, options: Any) -> None:
         self.ctx = ctx
@@ -135,12 +138,13 @@ class Strategy(ABC):
         """
         return {}
 
-    def unused_settings(self) -> tuple[tuple[str, ...], str]:
-        """Run-config fields this strategy, as configured, does not read, and why; ((), "") where it reads all.
+    def unused_settings(self) -> list[tuple[tuple[str, ...], str]]:
+        """Run-config fields this strategy, as configured, does not read, in groups with the reason for each
+        group; [] where it reads all.
 
         The trainer says so when such a field is set away from its default (an ``--optimizer adam`` grid
         would otherwise train consensus with its own update and no word about it)."""
-        return (), ""
+        return []
 
     def is_done(self) -> bool:
         """True when the strategy has nothing left to train (multi-phase strategies)."""

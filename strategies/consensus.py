@@ -131,13 +131,13 @@ class DGDOptions:
     batch: str = "minibatch"
     """local gradients from a minibatch of --batch-size samples of the agent's shard, or its full shard"""
     loss: str = "cross-entropy"
-    """cross-entropy | squared (half the squared error to one-hot targets)"""
+    """cross-entropy (or ce, psl's name for it) | squared (half the squared error to one-hot targets)"""
     reg: str = "l2"
     """regulariser r(w) of the whole problem: l2 (lam*||w||^2) or l1 (lam*||w||_1)"""
     lam: float = 0.0
     """regularisation weight lambda (0: none)"""
     epsilon: float = 0.0
-    """step decay alpha[n+1] = alpha[n] (1 - epsilon alpha[n]); 0 keeps the step constant"""
+    """step decay alpha[n+1] = alpha[n] (1 - epsilon alpha[n]); 0 keeps the step constant; below 1/alpha[0]"""
     iterations_per_round: int = 0
     """iterations per round, the unit between checkpoints and budget checks (0: one epoch's worth of
     samples, or eval_every where shorter; a run's last round is cut to its budget)"""
@@ -145,6 +145,10 @@ class DGDOptions:
     """identical: every agent starts from the same weights; independent: each from its own draw"""
 
     prefix: ClassVar[str] = "dgd"
+
+    def __post_init__(self) -> None:
+        if self.loss == "ce":  # one --loss for a grid with psl, which calls it ce
+            object.__setattr__(self, "loss", "cross-entropy")
 
     def validate(self) -> None:
         p = self.prefix
@@ -190,6 +194,7 @@ class NextOptions(DGDOptions):
             raise UsageError(f"{p}.tau", f"must be a number >= 0 (0: 1/lr), not {self.tau}")
         if not 0 < self.alpha0 <= 1:
             raise UsageError(f"{p}.alpha0", f"must be in (0, 1], not {self.alpha0}")
+        check_step_decay(self.epsilon, self.alpha0, f"{p}.epsilon", "alpha0")
         if self.surrogate not in SURROGATES:
             raise UsageError(f"{p}.surrogate", f"must be one of {', '.join(SURROGATES)}, not {self.surrogate!r}")
         if self.surrogate == "gauss-newton" and (self.loss != "squared" or self.reg != "l2"):
@@ -212,6 +217,14 @@ def surrogate_argmin(w: Tensor, d: Tensor, tau: float, lam: float, reg: str) -> 
     if reg == "l1":
         return soft_threshold(w - d / tau, lam / tau)
     raise ValueError(f"unknown regulariser {reg!r}")
+
+
+def check_step_decay(epsilon: float, alpha0: float, field_name: str, first_step: str) -> None:
+    """``next_alpha`` from ``alpha0`` stays positive only while epsilon alpha0 < 1: at 1 the step was 0 from the
+    second iteration on (a run that never learned, reported finished), above it negative (a divergence)."""
+    if epsilon * alpha0 >= 1:
+        raise UsageError(field_name, f"must be < 1/{first_step} = {1 / alpha0:g}: alpha[n+1] = alpha[n] (1 - epsilon "
+                                     f"alpha[n]) would reach 0 or below; not {epsilon:g}")
 
 
 def next_alpha(alpha: float, epsilon: float) -> float:
@@ -295,10 +308,9 @@ def dgd_iteration(
 class GraphStrategy(Strategy):
     """Agents on a graph, each with a full copy of the model as one flat vector; subclasses iterate."""
 
-    def unused_settings(self) -> tuple[tuple[str, ...], str]:
-        return ("optimizer", "momentum", "weight_decay"), (
-            f"{self.name}'s update is its own (--lr sets its step; regularise with {self.name}.reg and lam)"
-        )
+    def unused_settings(self) -> list[tuple[tuple[str, ...], str]]:
+        why = f"{self.name}'s update is its own (--lr sets its step; regularise with {self.name}.reg and lam)"
+        return [(("optimizer", "momentum", "weight_decay"), why)]
 
     def __init__(self, ctx: StrategyContext, options: Any) -> None:
         super().__init__(ctx, options)
@@ -542,6 +554,7 @@ class DGD(GraphStrategy):
         self.w = self.flat_parameters()
         self.spare: Tensor | None = None
         self.alpha = ctx.config.lr
+        check_step_decay(options.epsilon, self.alpha, "dgd.epsilon", "--lr")
 
     def agent_weights(self) -> Tensor:
         return self.w

@@ -677,7 +677,8 @@ class PartitionedLBFGS:
 @dataclass(frozen=True, kw_only=True)
 class PSLOptions:
     loss: str = "psl"
-    """psl (the partially-separable loss) | ce (softmax cross-entropy, not separable: workers <= classes)"""
+    """psl (the partially-separable loss) | ce or cross-entropy (softmax cross-entropy, not separable: workers
+    <= classes)"""
     exponent: int = 2
     """a in exp(a (s_j - s_y)): 1 (authors' 2022 code) or 2 (their 2023 experiments)"""
     placement: str = "pairs"
@@ -706,12 +707,16 @@ class PSLOptions:
     cg_max_iter: int = 50
     """plbfgs/lbfgs: most conjugate-gradient iterations per step"""
 
+    def __post_init__(self) -> None:
+        if self.loss == "cross-entropy":  # one --loss for a grid with consensus or dgd, which call it so
+            object.__setattr__(self, "loss", "ce")
+
     def validate(self) -> None:
         def check(ok: bool, name: str, allowed: str) -> None:
             if not ok:
                 raise UsageError(f"psl.{name}", f"must be {allowed}, not {getattr(self, name)!r}")
 
-        check(self.loss in ("psl", "ce"), "loss", "psl or ce")
+        check(self.loss in ("psl", "ce"), "loss", "psl, or ce (cross-entropy)")
         check(self.exponent in (1, 2), "exponent", "1 or 2")
         check(self.placement in ("pairs", "class"), "placement", "pairs or class")
         check(self.optimizer in ("config", "plbfgs", "lbfgs"), "optimizer", "config, plbfgs or lbfgs")
@@ -741,11 +746,12 @@ class PSL(Strategy):
         "PSNet+PSL 45.0% vs PSNet+CE 81.1%). Distribution is not published (ours is inferred)."
     )
 
-    def unused_settings(self) -> tuple[tuple[str, ...], str]:
-        if self.options.optimizer == "config":
-            return (), ""
-        why = f"the master optimizer is psl.optimizer={self.options.optimizer}"
-        return ("optimizer", "momentum", "weight_decay"), why
+    def unused_settings(self) -> list[tuple[tuple[str, ...], str]]:
+        unused = [(("sharding",), "its workers own output classes and see every sample (psl.placement)")]
+        if self.options.optimizer != "config":
+            why = f"the master optimizer is psl.optimizer={self.options.optimizer}"
+            unused.append((("optimizer", "momentum", "weight_decay"), why))
+        return unused
 
     def __init__(self, ctx: StrategyContext, options: PSLOptions) -> None:
         super().__init__(ctx, options)

@@ -76,15 +76,14 @@ Recovery (rounds A+1..A+R, R = ``recovery_epochs``, 0 allowed)
     4n·(w_{c=k} [k<K-1] + w_{c=k-1} [k>0]) bytes in S·([k<K-1] + [k>0]) messages.
     Before the first round the master (ledger slot N) sends worker k the tables it needs
     (T_{k-1} and T_k): 4·C·(w_{k-1} + w_k) bytes, one message each. Nothing else is sent.
-    On real ranks a crossing is one all-gather of a ``[n_local, b, w]`` buffer (the worker group
-    offers no point-to-point send), so with P ranks the wire carries (P−1)× a padded buffer per
-    crossing: with 2 ranks and one partition each, twice the logical bytes. A crossing between two
-    partitions on the same rank moves nothing but is still counted: the ledger prices workers as
+    On real ranks a crossing between partitions on two ranks is one point-to-point send
+    (``group.send``) of exactly those bytes, so the wire carries the ledger's bytes. A crossing between
+    two partitions on the same rank moves nothing but is still counted: the ledger prices workers as
     separate machines.
 
 Schedule and budget
-    A = ``apart_epochs``, or when 0 (default) A = floor(``--epochs``) − R, so SIL and
-    ``centralized`` with the same ``--epochs`` train for the same number of epochs. With an explicit
+    A = ``apart_epochs``, or when 0 (default) A = ``--epochs`` − R, so SIL and ``centralized`` with the
+    same ``--epochs`` train for the same number of epochs (a whole number: a fraction is refused). With an explicit
     A, ``--epochs`` must be >= A + R; the run ends by ``is_done()`` after A + R rounds. The metrics'
     ``phase`` column reads ``apart`` (the composition of the partitions as trained so far is
     evaluated), ``joined`` (the row right after the join) and ``recovery``. The schedule is fixed when
@@ -345,11 +344,15 @@ class SIL(Strategy):
     summary = ("partitions of depth trained apart on synthetic intermediate labels (no traffic), "
                "then joined and fine-tuned end to end as a pipeline")
     Options = SILOptions
+    uncut_round = "an epoch of sil's schedule"
     published: ClassVar[str] = (
         "Karadağ & Topaloğlu (arXiv 2403.11204), EMNIST, 784-512-512-512-512-512-47 cut in two: accuracy "
         "'close to conventional training' with much less memory and computation per device; no numbers, "
         "label generator, cut or schedule published"
     )
+
+    def unused_settings(self) -> list[tuple[tuple[str, ...], str]]:
+        return [(("sharding",), "sil partitions depth, not data: every partition trains on the whole training set")]
 
     def __init__(self, ctx: StrategyContext, options: SILOptions) -> None:
         super().__init__(ctx, options)
@@ -391,6 +394,9 @@ class SIL(Strategy):
     # -- set-up ---------------------------------------------------------------------------------
 
     def _schedule(self, epochs: float) -> tuple[int, int]:
+        if abs(epochs - round(epochs)) > 1e-9:  # --epochs 2.7 trained 2 and said nothing
+            raise UsageError("epochs", f"sil trains whole epochs (apart, then recovery), so it takes a whole number "
+                                       f"of them, not {epochs:g}")
         recovery = self.options.recovery_epochs
         apart = self.options.apart_epochs
         if apart == 0:

@@ -112,6 +112,9 @@ def test_another_strategys_options_are_checked_though_they_do_not_apply() -> Non
     with pytest.raises(UsageError) as wrong_type:
         resolve_config(None, {"strategy": "centralized", **DIGITS}, ["ist.local_steps='many'"])
     assert wrong_type.value.field == "ist.local_steps"
+    with pytest.raises(UsageError) as out_of_range:  # a value its own strategy refuses: it was let through
+        resolve_config(None, {"strategy": "consensus", **DIGITS}, ["dgd.iterations_per_round=-2"])
+    assert str(out_of_range.value) == "dgd.iterations_per_round: must be >= 0, not -2"
     valid = resolve_config(None, {"strategy": "centralized", **DIGITS}, ["ist.local_steps=5"])
     assert valid.options == {}
 

@@ -122,6 +122,20 @@ def test_bad_topology_names_the_field(small_config) -> None:
         small_config(strategy="consensus", options={"topology": "edge-dropout:0.5", "base_topology": "random-er:0.5"})
 
 
+def test_a_step_decay_that_would_reach_zero_is_refused(small_config, build_strategy) -> None:
+    # alpha[n+1] = alpha[n] (1 - epsilon alpha[n]): epsilon alpha0 = 1 made every step after the first 0 (a run
+    # that never learned, reported finished); above 1 the steps turned negative (a divergence blamed on --lr).
+    with pytest.raises(UsageError) as next_error:
+        small_config(strategy="consensus", options={"epsilon": 2.0, "alpha0": 0.5})
+    assert str(next_error.value).startswith("consensus.epsilon: must be < 1/alpha0 = 2: ")
+    with pytest.raises(UsageError) as dgd_error:
+        build_strategy(small_config(strategy="dgd", lr=0.05, options={"epsilon": 25.0}))
+    assert str(dgd_error.value).startswith("dgd.epsilon: must be < 1/--lr = 20: ")
+    decaying = build_strategy(small_config(strategy="dgd", lr=0.05, options={"epsilon": 19.0}))
+    decaying.run_round()
+    assert 0 < decaying.alpha < 0.05
+
+
 # -- the iteration on a strongly convex least-squares problem ---------------------------------------
 
 

@@ -116,6 +116,8 @@ def test_bad_options_and_models_are_usage_errors(small_config, build_strategy) -
         build_strategy(sil_config(small_config, epochs=1.0))  # 1 recovery epoch leaves no apart epoch
     with pytest.raises(UsageError, match=r"^epochs"):
         build_strategy(sil_config(small_config, epochs=3.0, options={"apart_epochs": 3}))
+    with pytest.raises(UsageError, match=r"^epochs: sil trains whole epochs .* not 2.7$"):
+        build_strategy(sil_config(small_config, epochs=2.7))  # it trained 2 and said nothing
     with pytest.raises(UsageError, match=r"^model"):
         build_strategy(small_config(strategy="sil", workers=2, dataset="mnist-small", model="lenet"))
 
@@ -270,6 +272,19 @@ def test_three_partitions_end_to_end_with_recovery_bytes_from_the_formula(small_
     assert extras["partitions"] == 3 and extras["apart_epochs"] == 2 and extras["recovery_epochs"] == 2
     assert 0.3 < extras["joined_test_acc"] <= 1
     assert float(rows[-1]["test_acc"]) > 0.8
+
+
+def test_a_budget_overshot_by_a_whole_epoch_says_sils_rounds_are_epochs(small_config, tmp_path: Path) -> None:
+    # Its rounds are not cut to a step: the note said "rounds stop on a whole step" all the same.
+    config = sil_config(small_config, epochs=2.0, budget="bytes=1000", out=str(tmp_path))
+    result = train(config)
+    assert [r["phase"] for r in result.rows] == ["train", "joined", "recovery"]
+    n = int(result.rows[1]["samples_seen"])
+    sent = 4 * n * (32 + 24)  # one recovery epoch of the busiest worker's activations and gradients
+    assert result.notes == [
+        f"the busiest worker sent {sent / 1e6:.3g} MB where the budget allowed 0.001 MB: the last round of sil took "
+        f"{sent / 1e6:.3g} MB (a round is an epoch of sil's schedule, which a budget does not cut)"
+    ]
 
 
 @pytest.mark.distributed

@@ -527,6 +527,29 @@ def test_an_optimizer_setting_a_strategy_does_not_use_is_noted(
     assert json.loads((result.run_dir / "summary.json").read_text()).get("warnings", [])[: len(unused)] == unused
 
 
+@pytest.mark.parametrize(
+    ("strategy", "model", "epochs", "expected"),
+    [
+        ("psl", "mlp:64-32-10", 0.1, "psl does not use sharding=by-class: its workers own output classes and see "
+                                     "every sample (psl.placement)"),
+        ("sil", "mlp:64-32-24-10", 2.0, "sil does not use sharding=by-class: sil partitions depth, not data: every "
+                                        "partition trains on the whole training set"),
+        ("allreduce", "mlp:64-32-10", 0.1, None),
+    ],
+)
+def test_a_sharding_a_strategy_does_not_use_is_noted_and_no_shards_are_recorded(
+    small_config, tmp_path: Path, strategy: str, model: str, epochs: float, expected: str | None
+) -> None:
+    # psl and sil trained exactly as with iid data, silently, and env.json listed by-class shards they never used.
+    config = small_config(strategy=strategy, model=model, workers=2, epochs=epochs, sharding="by-class",
+                          optimizer="adam", lr=1e-3, out=str(tmp_path))  # fmt: skip
+    result = train(config)
+    unused = [note for note in result.notes if "does not use" in note]
+    assert unused == ([expected] if expected else [])
+    env = json.loads((result.run_dir / "env.json").read_text())
+    assert ("shards" in env) == (expected is None)
+
+
 def test_a_backend_on_a_simulated_run_is_noted(small_config, tmp_path: Path) -> None:
     result = train(small_config(strategy="allreduce", workers=2, epochs=0.5, backend="gloo", out=str(tmp_path)))
     assert result.notes == ["backend=gloo has no effect on a simulated run (it is for --nproc or torchrun)"]
@@ -563,6 +586,22 @@ def test_a_fixed_period_is_cut_short_in_the_last_round_and_still_synchronises(
         replicas = load_checkpoint(result.run_dir / "checkpoint.pt")["strategy"]["model"]
         for name, stacked in replicas.items():
             assert torch.equal(stacked, stacked[:1].expand_as(stacked)), name
+
+
+def test_a_run_of_one_round_longer_than_eval_every_is_noted(small_config, tmp_path: Path) -> None:
+    # local-sgd's period of 20 steps of 2 x 32 samples (0.89 epochs) is cut to the 0.5 epochs asked: one round,
+    # evaluated only at its end, where --eval-every asked for five evaluations. The last round was left out.
+    config = small_config(strategy="local-sgd", workers=2, batch_size=32, epochs=0.5, eval_every=0.1,
+                          checkpoint_every=1000, out=str(tmp_path))  # fmt: skip
+    result = train(config)
+    n_train = len(load_dataset("digits").y_train)
+    trained = float(result.rows[-1]["samples_seen"]) / n_train
+    assert [float(r["epoch"]) for r in result.rows] == [0.0, round(trained, 6)] and 0.5 <= trained < 0.55
+    assert result.notes == [
+        f"rounds of local-sgd lasted up to {trained:.3g} epochs where --eval-every asked for 0.1: the trainer "
+        "evaluates between rounds, so evaluations came further apart (a round is a period the strategy fixes, such "
+        "as sil's epochs or local_steps, or a whole step)"
+    ]
 
 
 def test_a_round_that_carries_the_run_well_past_its_budget_is_noted(small_config, tmp_path: Path) -> None:
@@ -637,14 +676,15 @@ def test_a_bytes_budget_below_one_exchange_of_local_sgd_is_overshot_and_noted(sm
 
 def test_budget_notes_name_what_was_overshot_and_only_past_a_quarter() -> None:
     from pnnctl.trainer import _budget_overshoot
+    from strategies.baselines import AllReduce
 
     config = validate(RunConfig(strategy="allreduce", dataset="digits", epochs=1.0, budget="seconds=10"))
     before = {"samples": 500.0, "bytes": 0.0, "seconds": 9.0}
-    assert _budget_overshoot(config, before, {**before, "seconds": 12.5}, 1000, True) == []  # 25% over: quiet
-    (note,) = _budget_overshoot(config, before, {**before, "seconds": 13.0}, 1000, True)
+    assert _budget_overshoot(config, before, {**before, "seconds": 12.5}, 1000, AllReduce) == []  # 25% over: quiet
+    (note,) = _budget_overshoot(config, before, {**before, "seconds": 13.0}, 1000, AllReduce)
     assert note.startswith("computed 13 s where the budget allowed 10 s: the last round of allreduce took 4 s (")
-    assert _budget_overshoot(config, {**before, "seconds": 10.0}, {**before, "seconds": 30.0}, 1000, True) == []
-    (note,) = _budget_overshoot(config, before, {**before, "samples": 1300.0}, 1000, True)  # the epochs cap too
+    assert _budget_overshoot(config, {**before, "seconds": 10.0}, {**before, "seconds": 30.0}, 1000, AllReduce) == []
+    (note,) = _budget_overshoot(config, before, {**before, "samples": 1300.0}, 1000, AllReduce)  # the epochs cap too
     assert note.startswith("trained 1.3 epochs (1300 samples) where the budget allowed 1: the last round")
 
 
