@@ -77,6 +77,9 @@ class Ledger:
         self._round_sent = np.zeros(nodes)
         self._round_recv = np.zeros(nodes)
         self._round_messages = np.zeros(nodes)
+        # Where an exchange ended inside the round: its traffic is already projected into _round_comm_s.
+        self._projected = (np.zeros(nodes), np.zeros(nodes), np.zeros(nodes))
+        self._round_comm_s = 0.0
         self.comm_s = 0.0
         self.by_op: dict[str, float] = {}
 
@@ -90,18 +93,33 @@ class Ledger:
     def zeros(self) -> np.ndarray:
         return np.zeros(self.n_workers + 1)
 
-    def end_round(self) -> RoundTraffic:
-        """Close the round: add it to the totals and project its time on the busiest node."""
-        per_node = self._round_messages * self.network.latency_s + (
-            np.maximum(self._round_sent, self._round_recv) / self.network.bandwidth_bytes_per_s
+    def _busiest_node_s(self, sent: np.ndarray, recv: np.ndarray, messages: np.ndarray) -> float:
+        per_node = messages * self.network.latency_s + np.maximum(sent, recv) / self.network.bandwidth_bytes_per_s
+        return float(per_node.max())
+
+    def end_exchange(self) -> None:
+        """Close one synchronisation inside a round (an iteration of agents on a time-varying graph): its
+        time is its own busiest node's. Projected over the whole round instead, a round's busiest node
+        stood for every iteration's, and the projected time changed with the round's length (--eval-every)."""
+        done_sent, done_recv, done_messages = self._projected
+        self._round_comm_s += self._busiest_node_s(
+            self._round_sent - done_sent, self._round_recv - done_recv, self._round_messages - done_messages
         )
-        traffic = RoundTraffic(float(per_node.max()), float(self._round_sent.max()), float(self._round_recv.max()))
+        for done, now in zip(self._projected, (self._round_sent, self._round_recv, self._round_messages), strict=True):
+            done[:] = now
+
+    def end_round(self) -> RoundTraffic:
+        """Close the round: add it to the totals and project its time on the busiest node (of each exchange
+        where ``end_exchange`` marked them)."""
+        self.end_exchange()
+        traffic = RoundTraffic(self._round_comm_s, float(self._round_sent.max()), float(self._round_recv.max()))
         self.comm_s += traffic.comm_s
         self.sent += self._round_sent
         self.recv += self._round_recv
         self.messages += self._round_messages
-        for buf in (self._round_sent, self._round_recv, self._round_messages):
+        for buf in (self._round_sent, self._round_recv, self._round_messages, *self._projected):
             buf.fill(0.0)
+        self._round_comm_s = 0.0
         return traffic
 
     def totals(self) -> dict[str, float]:

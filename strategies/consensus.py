@@ -421,9 +421,12 @@ class GraphStrategy(Strategy):
     def run_round(self, samples_left: float = math.inf) -> RoundResult:
         iterations = steps_this_round(self.iterations_per_round, self.samples_per_iteration, samples_left)
         losses = []
+        time_varying = self.graphs.time_varying
         for _ in range(iterations):
             losses.append(self.iterate())
             self.iteration += 1
+            if time_varying:  # each iteration's graph has its own busiest agent
+                self.ctx.group.ledger.end_exchange()
         mean_losses = torch.stack(losses).mean(dim=0)
         group = self.ctx.group
         if group.comm.world_size > 1:

@@ -333,6 +333,13 @@ def test_time_varying_ledger_charges_each_iterations_own_graph(small_config, bui
     degrees = sum(strategy.graphs.at(k).sum(dim=1) for k in range(iterations))
     assert ledger.sent[:n].tolist() == (degrees * 2 * MLP_PARAMS * 4).double().tolist()
     assert ledger.messages[:n].tolist() == degrees.double().tolist()
+    # Projected time: each iteration on its own busiest agent. Over the round's totals, the round's busiest agent
+    # stood for every iteration, so the figure changed with the round's length (--eval-every).
+    network = ledger.network
+    per_neighbour = network.latency_s + 2 * MLP_PARAMS * 4 / network.bandwidth_bytes_per_s
+    each = [strategy.graphs.at(k).sum(dim=1).max().item() for k in range(iterations)]
+    assert ledger.comm_s == pytest.approx(sum(each) * per_neighbour, rel=1e-12)
+    assert ledger.comm_s > max(degrees).item() * per_neighbour
 
 
 # -- Gauss–Newton -------------------------------------------------------------------------------------
