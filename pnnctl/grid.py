@@ -15,6 +15,7 @@ import contextlib
 import itertools
 import json
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -473,9 +474,7 @@ def _environment(folder: Path) -> dict[str, Any]:
     merged: dict[str, Any] = {}
     for key in dict.fromkeys(key for env in envs for key in env if key != "shards"):
         values = [env.get(key, "") for env in envs]
-        counts: dict[str, int] = {}
-        for value in values:
-            counts[str(value)] = counts.get(str(value), 0) + 1
+        counts = Counter(str(value) for value in values)
         if len(counts) == 1:
             merged[key] = values[0]
         elif key == "started":

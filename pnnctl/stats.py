@@ -377,10 +377,10 @@ def project_time(metrics: pd.DataFrame, network: NetworkModel) -> pd.Series:
     busiest worker (``messages_max_worker``, the larger of ``bytes_sent_max_worker`` and
     ``bytes_recv_max_worker``) or the master (``messages_master``, ``bytes_*_master``), with the
     ledger's formula (:mod:`pnnctl.network`). This approximates the run's own ``comm_s``, which sums
-    each round's busiest node: where the busiest node changes between rounds that sum is larger (the
-    sum of maxima is at least the maximum of sums); where one node is the busiest every round (a
-    master, or workers with symmetric traffic) the two agree. Tables from before ``messages_master``
-    count no master messages.
+    each round's (on a time-varying graph, each iteration's) busiest node: where the busiest node changes
+    between them that sum is larger (the sum of maxima is at least the maximum of sums); where one node is
+    the busiest every time (a master, or workers with symmetric traffic) the two agree. Tables from before
+    ``messages_master`` count no master messages.
     """
 
     def column(name: str) -> pd.Series:

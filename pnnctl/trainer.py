@@ -287,11 +287,16 @@ def _spent(state: LoopState, ledger: Ledger) -> dict[str, float]:
     return {"samples": state.samples, "bytes": float(ledger.sent[: ledger.n_workers].max()), "seconds": state.compute_s}
 
 
+def _slack(kind: str, n_train: int) -> float:
+    """How far below its cap ``_limits`` puts a limit of ``kind``: a billionth of an epoch for samples."""
+    return 1e-9 * n_train if kind == "samples" else 0.0
+
+
 def _limits(config: RunConfig, n_train: int) -> dict[str, float]:
     """The caps on what ``_spent`` measures: epochs and a samples budget cap samples; another budget its own.
     The samples cap is lowered by a billionth of an epoch, so that a fractional epoch (0.1 x 1437 samples,
     143.70000000000002) counts as reached by the samples that make it up."""
-    limits = {"samples": samples_allowed(config, n_train) - 1e-9 * n_train}
+    limits = {"samples": samples_allowed(config, n_train) - _slack("samples", n_train)}
     budget = parse_budget(config.budget)
     if budget is not None and budget[0] != "samples":
         limits[budget[0]] = budget[1]
@@ -320,10 +325,6 @@ def _reached(spent: Mapping[str, float], limits: Mapping[str, float]) -> bool:
     return any(spent[kind] >= limit for kind, limit in limits.items())
 
 
-def _budget_reached(config: RunConfig, state: LoopState, ledger: Ledger, n_train: int) -> bool:
-    return _reached(_spent(state, ledger), _limits(config, n_train))
-
-
 def budget_reached_on_resume(
     before: Mapping[str, Any], config: RunConfig, spent: Mapping[str, float], n_train: int, run_dir: Path
 ) -> bool:
@@ -337,10 +338,8 @@ def budget_reached_on_resume(
                                   budget=str(before.get("budget", config.budget)))  # fmt: skip
     old, new = _limits(earlier, n_train), _limits(config, n_train)
     for kind, limit in new.items():
-        # Past the cap itself: the samples limit sits a billionth of an epoch below it (see _limits), and a run
-        # stopped exactly at a samples budget was refused as if trained past it.
-        cap = limit + 1e-9 * n_train if kind == "samples" else limit
-        if spent[kind] > cap and limit < old.get(kind, math.inf):
+        # Past the cap itself, not the limit below it: a run stopped exactly at a samples budget was refused.
+        if spent[kind] > limit + _slack(kind, n_train) and limit < old.get(kind, math.inf):
             key = "epochs" if kind == "samples" and config.epochs != earlier.epochs else "budget"
             trained = {"samples": f"{spent['samples'] / n_train:.4g} epochs", "bytes": f"{spent['bytes']:.4g} bytes",
                        "seconds": f"{spent['seconds']:.4g} s of compute"}[kind]  # fmt: skip
@@ -761,8 +760,8 @@ def _train_holding(
                 status = "diverged"
                 break
             epoch = state.samples / n_train
-            done = _budget_reached(config, state, ledger, n_train) or strategy.is_done()
             spent = _spent(state, ledger)
+            done = _reached(spent, _limits(config, n_train)) or strategy.is_done()
             overshoot = _budget_overshoot(config, spent_before, spent, n_train, strategy) if done else []
             if not overshoot:  # a last round that ran past the budget has the budget's note, not this one too
                 # The last round counts as well: a run of one long round (local-sgd's period, 0.5 epochs with

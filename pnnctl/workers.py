@@ -93,18 +93,15 @@ class Ledger:
     def zeros(self) -> np.ndarray:
         return np.zeros(self.n_workers + 1)
 
-    def _busiest_node_s(self, sent: np.ndarray, recv: np.ndarray, messages: np.ndarray) -> float:
-        per_node = messages * self.network.latency_s + np.maximum(sent, recv) / self.network.bandwidth_bytes_per_s
-        return float(per_node.max())
-
     def end_exchange(self) -> None:
         """Close one synchronisation inside a round (an iteration of agents on a time-varying graph): its
         time is its own busiest node's. Projected over the whole round instead, a round's busiest node
         stood for every iteration's, and the projected time changed with the round's length (--eval-every)."""
         done_sent, done_recv, done_messages = self._projected
-        self._round_comm_s += self._busiest_node_s(
-            self._round_sent - done_sent, self._round_recv - done_recv, self._round_messages - done_messages
+        per_node = self.network.seconds(
+            self._round_messages - done_messages, np.maximum(self._round_sent - done_sent, self._round_recv - done_recv)
         )
+        self._round_comm_s += float(per_node.max())
         for done, now in zip(self._projected, (self._round_sent, self._round_recv, self._round_messages), strict=True):
             done[:] = now
 

@@ -86,6 +86,17 @@ class Footprint:
     memory_bytes: int
 
 
+#: The names ``--loss`` may give softmax cross-entropy: psl's options call it ce, consensus's and dgd's
+#: cross-entropy; each takes both, so that one ``--loss`` serves a grid of them all.
+CROSS_ENTROPY = ("ce", "cross-entropy")
+
+
+def spell_cross_entropy(options: Any, spelling: str) -> None:
+    """Give a frozen options dataclass's ``loss`` its strategy's own ``spelling`` where it names cross-entropy."""
+    if options.loss in CROSS_ENTROPY:
+        object.__setattr__(options, "loss", spelling)
+
+
 class Strategy(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]

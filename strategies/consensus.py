@@ -102,7 +102,14 @@ from pnnctl.models import StackedNet, activation_elements, build_model, parse_mo
 from pnnctl.training import ShardSampler
 from pnnctl.workers import WorkerGroup
 from strategies import register
-from strategies.base import Footprint, RoundResult, Strategy, StrategyContext, steps_this_round
+from strategies.base import (
+    Footprint,
+    RoundResult,
+    Strategy,
+    StrategyContext,
+    spell_cross_entropy,
+    steps_this_round,
+)
 from strategies.graphs import GraphSequence, edge_list, metropolis_hastings, parse_topology
 
 #: ``w -> (grad g_i(w_i) [n_local, P], mean loss of each agent [n_local])``
@@ -147,8 +154,7 @@ class DGDOptions:
     prefix: ClassVar[str] = "dgd"
 
     def __post_init__(self) -> None:
-        if self.loss == "ce":  # one --loss for a grid with psl, which calls it ce
-            object.__setattr__(self, "loss", "cross-entropy")
+        spell_cross_entropy(self, "cross-entropy")
 
     def validate(self) -> None:
         p = self.prefix

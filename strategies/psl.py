@@ -156,7 +156,14 @@ from pnnctl.models import (
 from pnnctl.runtime import device_memory_bytes
 from pnnctl.training import ShardSampler, make_optimizer
 from strategies import register
-from strategies.base import Footprint, RoundResult, Strategy, StrategyContext, steps_this_round
+from strategies.base import (
+    Footprint,
+    RoundResult,
+    Strategy,
+    StrategyContext,
+    spell_cross_entropy,
+    steps_this_round,
+)
 
 BYTES_PER_COORD = 4
 
@@ -708,8 +715,7 @@ class PSLOptions:
     """plbfgs/lbfgs: most conjugate-gradient iterations per step"""
 
     def __post_init__(self) -> None:
-        if self.loss == "cross-entropy":  # one --loss for a grid with consensus or dgd, which call it so
-            object.__setattr__(self, "loss", "ce")
+        spell_cross_entropy(self, "ce")
 
     def validate(self) -> None:
         def check(ok: bool, name: str, allowed: str) -> None:
