@@ -60,3 +60,18 @@ def test_every_train_and_compare_line_resolves(line: str, capsys: pytest.Capture
     with pytest.raises(SystemExit) as exit_info:
         main([*argv, "--dry-run"])
     assert exit_info.value.code == 0, capsys.readouterr().err
+
+
+def test_the_repository_top_level_holds_only_the_product_card_entries() -> None:
+    """A hand-run's folder committed at the top level (r6/, session 8) is caught here, not in review."""
+    import subprocess
+
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    tracked = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    top_level = {path.split("/")[0] for path in tracked}
+    card = {"pyproject.toml", "pnnctl", "strategies", "tests", "results", "README.md", ".ci", "benchmarks", "docs"}
+    assert top_level - card - {".gitignore"} == set()
+    assert {"pyproject.toml", "pnnctl", "strategies", "tests", "results", "README.md", ".ci"} <= top_level
