@@ -119,22 +119,15 @@ def load_dataset(
                 "dataset", f"unknown EMNIST split '{split}'; choose one of: {', '.join(EMNIST_SPLITS)}"
             )
         root = _resolve_data_dir(data_dir)
-        if download:
+        if not download:
+            return _read_files(name, root, split)
+        # Files already there are read as they are: a run that once downloaded resumes where
+        # torchvision (the fetcher) is not installed, and nothing is fetched twice.
+        try:
+            return _read_files(name, root, split)
+        except UsageError:
             _download(name, root, split)
-        if not root.is_dir():
-            raise UsageError(
-                "data_dir", f"{root} is not a folder; pass --download or point --data-dir at your data folder"
-            )
-        if name == "cifar10":
-            return _image_dataset(name, *_read_cifar10(root), scale=255.0, n_classes=10)
-        if split is not None:
-            return _image_dataset(
-                name, *_read_emnist(root, split), scale=255.0, n_classes=EMNIST_SPLITS[split]
-            )
-        folder = "MNIST" if name == "mnist" else "FashionMNIST"
-        return _image_dataset(
-            name, *_read_mnist_layout(root / folder / "raw", folder), scale=255.0, n_classes=10
-        )
+            return _read_files(name, root, split)
     raise UsageError("dataset", f"unknown dataset '{name}'; choose one of: {', '.join(DATASETS)}")
 
 
@@ -329,6 +322,30 @@ def _synthetic(spec: SyntheticSpec) -> Dataset:
 # File-backed sets
 
 
+def _read_files(name: str, root: Path, split: str | None) -> Dataset:
+    if not root.is_dir():
+        raise UsageError(
+            "data_dir", f"{root} is not a folder; pass --download or point --data-dir at your data folder"
+        )
+    if name == "cifar10":
+        return _image_dataset(name, *_read_cifar10(root), scale=255.0, n_classes=10)
+    if split is not None:
+        return _image_dataset(name, *_read_emnist(root, split), scale=255.0, n_classes=EMNIST_SPLITS[split])
+    folder = "MNIST" if name == "mnist" else "FashionMNIST"
+    return _image_dataset(name, *_read_mnist_layout(root / folder / "raw", folder), scale=255.0, n_classes=10)
+
+
+def data_folder(name: str, data_dir: str | Path | None) -> str:
+    """The folder a file-backed dataset is read from (``PNNCTL_DATA`` resolved), "" for embedded sets.
+
+    A run's config.toml keeps ``data_dir`` as given, so that a resume elsewhere follows that machine's
+    ``PNNCTL_DATA``; env.json records this resolved folder as where the data came from.
+    """
+    if name in ("mnist", "fashion-mnist", "cifar10") or name.startswith("emnist-"):
+        return str(_resolve_data_dir(data_dir).resolve())
+    return ""
+
+
 def _resolve_data_dir(data_dir: str | Path | None) -> Path:
     if data_dir is None or str(data_dir) == "":
         data_dir = os.environ.get("PNNCTL_DATA") or None
@@ -467,7 +484,7 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
     """Unpickler that can build dicts, lists, bytes, numbers and numpy arrays, and nothing else.
 
     A pickle can name any importable callable and have it called, so a doctored data file could
-    run arbitrary code. Nothing read from disk may do that: only numpy's array and dtype
+    run arbitrary code. Nothing read from disk may do that: only numpy's array, scalar and dtype
     reconstruction functions are resolved (old and new module names; ``_frombuffer`` is what
     protocol-5 pickles use), and every other global is refused.
     """
@@ -476,6 +493,9 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         {
             ("numpy.core.multiarray", "_reconstruct"),
             ("numpy._core.multiarray", "_reconstruct"),
+            # A scalar rebuilt from its dtype and raw bytes (labels written as numpy integers, not ints).
+            ("numpy.core.multiarray", "scalar"),
+            ("numpy._core.multiarray", "scalar"),
             ("numpy.core.numeric", "_frombuffer"),
             ("numpy._core.numeric", "_frombuffer"),
             ("numpy", "ndarray"),

@@ -42,7 +42,7 @@ from pnnctl.config import (
     stored_form,
     to_toml,
 )
-from pnnctl.data import Dataset, load_dataset, shard_indices, shard_stats
+from pnnctl.data import Dataset, data_folder, load_dataset, shard_indices, shard_stats
 from pnnctl.errors import UsageError
 from pnnctl.faults import fault_point
 from pnnctl.io import (
@@ -190,6 +190,7 @@ def environment(config: RunConfig, runtime: Runtime, device: torch.device, backe
         "device": str(device),
         "cuda_device": torch.cuda.get_device_name(device) if device.type == "cuda" else "",
         "seed": config.seed,
+        "data_dir": data_folder(config.dataset, config.data_dir),
         "git_sha": git_sha(),
         "world_size": runtime.world_size,
         "backend": backend,

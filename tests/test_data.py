@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import json
 import math
 import os
 import pickle
@@ -21,6 +22,7 @@ from pnnctl.data import (
     EMNIST_SPLITS,
     Dataset,
     SyntheticSpec,
+    data_folder,
     load_dataset,
     parse_sharding,
     shard_indices,
@@ -381,6 +383,19 @@ def test_download_without_torchvision(tmp_path: Path, monkeypatch: pytest.Monkey
     assert info.value.field == "download" and "pip install" in str(info.value)
 
 
+def test_download_reads_files_already_there_without_torchvision(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A run started with --download resumes where the files are but torchvision is not."""
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", None)
+    arrays = make_mnist_raw(tmp_path)
+    assert_matches_raw(load_dataset("mnist", data_dir=tmp_path, download=True), arrays)
+    monkeypatch.setenv("PNNCTL_DATA", str(tmp_path / "." / "."))
+    assert data_folder("mnist", "") == str(tmp_path.resolve()) and data_folder("digits", "") == ""
+    assert data_folder("cifar10", tmp_path / "elsewhere") == str((tmp_path / "elsewhere").resolve())
+
+
 # ---------------------------------------------------------------------------------------------
 # CIFAR-10 batches
 
@@ -420,7 +435,17 @@ def test_cifar10_reads_a_python3_pickle_of_protocol_2(tmp_path: Path) -> None:
     assert_matches_raw(load_dataset("cifar10", data_dir=tmp_path), arrays)
 
 
-@pytest.mark.parametrize("labels", [[1.5] * 5, [2**70] * 5, ["3"] * 5])
+@pytest.mark.parametrize("protocol", [2, 4])
+def test_cifar10_reads_labels_written_as_numpy_integers(tmp_path: Path, protocol: int) -> None:
+    # A batch re-saved from numpy code holds np.int64 labels: "refused to load global numpy._core.multiarray.scalar".
+    arrays = make_cifar(tmp_path)
+    images = arrays["x_test"].reshape(len(arrays["x_test"]), -1)
+    test_batch = {b"data": images, b"labels": [np.int64(v) for v in arrays["y_test"]]}
+    (tmp_path / "cifar-10-batches-py" / "test_batch").write_bytes(pickle.dumps(test_batch, protocol=protocol))
+    assert_matches_raw(load_dataset("cifar10", data_dir=tmp_path), arrays)
+
+
+@pytest.mark.parametrize("labels", [[1.5] * 5, [2**70] * 5, ["3"] * 5, [np.float64(1.5)] * 5])
 def test_cifar10_labels_that_are_not_integers_are_refused(tmp_path: Path, labels: list) -> None:
     # 1.5 was read as 1, 2**70 was an OverflowError traceback.
     make_cifar(tmp_path)
@@ -580,3 +605,22 @@ def test_bad_worker_count(n_workers: int) -> None:
     with pytest.raises(UsageError) as info:
         shard_indices(LABELS, n_workers, "iid", seed=0)
     assert info.value.field == "workers"
+
+
+def test_a_run_records_the_data_folder_it_read_and_resumes_without_torchvision(
+    cli, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # config.toml keeps data_dir = "" under PNNCTL_DATA (a resume elsewhere follows that machine's folder),
+    # so nothing said where the data came from; and a --download run could not resume without torchvision.
+    data = tmp_path / "data"
+    make_mnist_raw(data)
+    monkeypatch.setenv("PNNCTL_DATA", str(data))
+    args = ["train", "--strategy", "centralized", "--dataset", "mnist", "--model", "mlp:784-16-10", "--epochs", "1",
+            "--batch-size", "10", "--out", str(tmp_path / "out"), "--run-name", "r", "--download"]
+    monkeypatch.setitem(sys.modules, "torchvision", None)
+    monkeypatch.setitem(sys.modules, "torchvision.datasets", None)
+    assert cli(*args).code == 0
+    run = tmp_path / "out" / "r"
+    assert json.loads((run / "env.json").read_text())["data_dir"] == str(data.resolve())
+    assert cli(*args, "--epochs", "2", "--resume").code == 0
+    assert json.loads((run / "summary.json").read_text())["final"]["epoch"] == 2
