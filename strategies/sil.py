@@ -84,8 +84,8 @@ Recovery (rounds A+1..A+R, R = ``recovery_epochs``, 0 allowed)
 Schedule and budget
     A = ``apart_epochs``, or when 0 (default) A = ``--epochs`` − R, so SIL and ``centralized`` with the
     same ``--epochs`` train for the same number of epochs (a whole number: a fraction is refused). With an explicit
-    A, ``--epochs`` must be >= A + R; the run ends by ``is_done()`` after A + R rounds. The metrics'
-    ``phase`` column reads ``apart`` (the composition of the partitions as trained so far is
+    A, ``--epochs`` must be A + R (the run ends by ``is_done()`` after A + R rounds, so more was never
+    trained). The metrics' ``phase`` column reads ``apart`` (the composition of the partitions as trained so far is
     evaluated), ``joined`` (the row right after the join) and ``recovery``. The schedule is fixed when
     the run starts.
 
@@ -158,7 +158,7 @@ class SILOptions:
     noise_std: float = 0.1
     """std of the Gaussian noise added to a partition's synthetic inputs in the apart phase"""
     apart_epochs: int = 0
-    """epochs of the apart phase (0: floor(--epochs) - recovery_epochs)"""
+    """epochs of the apart phase (0: --epochs - recovery_epochs; otherwise --epochs must be apart + recovery)"""
     recovery_epochs: int = 1
     """end-to-end epochs after the join, run as a pipeline over the partitions (0 allowed)"""
     recovery_lr: float = 0.0
@@ -404,8 +404,9 @@ class SIL(Strategy):
             if apart < 1:
                 msg = f"must be >= sil.recovery_epochs + 1 = {recovery + 1} (sil trains apart for epochs - recovery)"
                 raise UsageError("epochs", msg)
-        elif epochs + 1e-9 < apart + recovery:
-            msg = f"must be >= sil.apart_epochs + sil.recovery_epochs = {apart + recovery}, not {epochs:g}"
+        elif abs(epochs - (apart + recovery)) > 1e-9:  # more trained A + R silently: the run ended early
+            msg = (f"must be sil.apart_epochs + sil.recovery_epochs = {apart + recovery} (what sil trains), not "
+                   f"{epochs:g}; or set sil.apart_epochs = 0 to train --epochs - recovery epochs apart")
             raise UsageError("epochs", msg)
         return apart, recovery
 

@@ -116,6 +116,8 @@ def test_bad_options_and_models_are_usage_errors(small_config, build_strategy) -
         build_strategy(sil_config(small_config, epochs=1.0))  # 1 recovery epoch leaves no apart epoch
     with pytest.raises(UsageError, match=r"^epochs"):
         build_strategy(sil_config(small_config, epochs=3.0, options={"apart_epochs": 3}))
+    with pytest.raises(UsageError, match=r"^epochs: must be sil.apart_epochs \+ sil.recovery_epochs = 3 .* not 5;"):
+        build_strategy(sil_config(small_config, epochs=5.0, options={"apart_epochs": 2}))  # trained 3 silently
     with pytest.raises(UsageError, match=r"^epochs: sil trains whole epochs .* not 2.7$"):
         build_strategy(sil_config(small_config, epochs=2.7))  # it trained 2 and said nothing
     with pytest.raises(UsageError, match=r"^model"):
