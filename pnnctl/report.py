@@ -105,7 +105,8 @@ def render_table(cells: pd.DataFrame) -> list[dict[str, str]]:
     """One dict of display strings per cell, keyed by column headers that name the aggregate shown.
 
     Figures are ``mean ± std (n=N)`` over seeds (sample std); to-target columns are over the seeds
-    that reached the target only, with N the number that did. To-target columns appear only when
+    that reached the target only, with N the number that did, and final accuracy over the runs that have
+    one (a diverged run ends on NaN). To-target columns appear only when
     the table was summarised with a target.
     """
     with_target = _has_target(cells)
@@ -117,7 +118,8 @@ def render_table(cells: pd.DataFrame) -> list[dict[str, str]]:
             "cell": str(cell["cell"]),
             "strategy": str(cell["strategy"]),
             "workers": _count(cell["workers"]),
-            "final acc % (mean ± std, n)": _aggregate(cell, "final_acc", n, percent=True),
+            # A diverged run has no final accuracy: n counts the runs behind the mean, not the seeds.
+            "final acc % (mean ± std, n)": _aggregate(cell, "final_acc", int(cell["n_final_acc"]), percent=True),
             "best acc % (mean ± std, n)": _aggregate(cell, "best_acc", n, percent=True),
             "MB sent/worker (mean ± std, n)": _aggregate(cell, "bytes_sent_max_worker", n, scale=1e6),
             "projected s (mean ± std, n)": _aggregate(cell, "projected_s", n),
@@ -265,7 +267,8 @@ def write_report(
     lines.append(
         f"{len(cells)} cells, {n_runs} runs. Each figure is the mean ± sample std (ddof=1) over the cell's "
         "seeds; n is the number of seeds behind it. Accuracy is the test accuracy of the last (final) or "
-        "best evaluation; data sent is that of the busiest worker."
+        "best evaluation (a diverged run has no final accuracy, so it is not among the final figure's n); "
+        "data sent is that of the busiest worker."
         + (f" Projected time (compute per worker + communication) is {projection}." if projection else "")
     )
     lines.append("")

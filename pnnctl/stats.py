@@ -329,10 +329,12 @@ def cell_summary(runs: pd.DataFrame) -> pd.DataFrame:
     seed. The ``*_to_target`` means and stds are over the seeds that reached the target only
     (``n_reached`` of ``n_seeds``); ``reached_target_frac`` is ``n_reached / n_seeds`` and NaN when
     no target was set. ``statuses`` counts the runs' final statuses, e.g. ``finished:2, diverged:1``.
+    A diverged run has no final accuracy (its last evaluation is NaN): ``final_acc_mean`` is over the
+    ``n_final_acc`` runs that have one, which the report shows as its n.
     """
     keys = [*CELL_KEY, "cell"]
     figure_columns = [f"{name}_{stat}" for name in RUN_FIGURES for stat in ("mean", "std")]
-    head = [*keys, "n_seeds", "n_reached", "reached_target_frac", "target_acc", "statuses"]
+    head = [*keys, "n_seeds", "n_final_acc", "n_reached", "reached_target_frac", "target_acc", "statuses"]
     if runs.empty:
         return pd.DataFrame(columns=head + figure_columns)
     grouped = runs.groupby(keys, sort=True, dropna=False)
@@ -347,6 +349,7 @@ def cell_summary(runs: pd.DataFrame) -> pd.DataFrame:
     grouped_numeric = numeric.groupby(keys, sort=True, dropna=False)[list(RUN_FIGURES)]
     means = grouped_numeric.mean()
     stds = grouped_numeric.std(ddof=1)
+    out["n_final_acc"] = grouped_numeric.count()["final_acc"].astype("int64")
     for name in RUN_FIGURES:
         out[f"{name}_mean"] = means[name]
         out[f"{name}_std"] = stds[name]

@@ -164,6 +164,24 @@ def test_cell_summary_three_seeds_and_partial_reach() -> None:
     assert cell["epochs_to_target_mean"] == 1.5
 
 
+def test_a_diverged_seed_is_not_counted_behind_the_final_accuracy() -> None:
+    # Two of three seeds ended on NaN: the mean is the survivor's, and it read "9.86 (n=3)".
+    from pnnctl.report import render_table
+
+    metrics = table(
+        run_rows("a", 0, [0.5, math.nan], status="diverged"),
+        run_rows("a", 1, [0.6, 0.7]),
+        run_rows("a", 2, [0.4, math.nan], status="diverged"),
+    )
+    cells = cell_summary(run_summaries(metrics, None))
+    assert cells.iloc[0]["n_seeds"] == 3 and cells.iloc[0]["n_final_acc"] == 1
+    assert cells.iloc[0]["final_acc_mean"] == pytest.approx(0.7)
+    row = render_table(cells)[0]
+    assert row["final acc % (mean ± std, n)"] == "70.00 (n=1)"
+    assert row["best acc % (mean ± std, n)"] == "53.33 ± 15.28 (n=3)"
+    assert row["run statuses"] == "diverged:2, finished:1"
+
+
 def test_one_seed_has_nan_std() -> None:
     cell = cell_summary(run_summaries(table(run_rows("a", 0, [0.5, 0.6])), 0.5)).iloc[0]
     assert cell["n_seeds"] == 1
