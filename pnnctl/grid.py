@@ -407,11 +407,11 @@ def report_folder(
     cells = cell_summary(run_summaries(reprojected, target_acc))
     if (folder / "runs").is_dir():
         write_summary_csv(folder, cells)
+    tasks = _synthetic_tasks(folder, as_run)
     figures = plot_folder(folder, network=network, scaling_metric=scaling_metric, metrics=as_run,
-                          target_acc=target_acc) if draw else []  # fmt: skip
+                          target_acc=target_acc, tasks=tasks) if draw else []  # fmt: skip
     fastest = None
     if target_acc:
-        tasks = _synthetic_tasks(folder, as_run)
         fastest = fastest_to_target(as_run, target_acc, list(NETWORK_PRESETS.values()), tasks)
     produced_by, redrawn_by = command, None
     grid_command = _grid_command(folder)

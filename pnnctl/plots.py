@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import matplotlib
@@ -317,7 +317,8 @@ def pareto_front(x: Sequence[float], y: Sequence[float]) -> list[int]:
     return front
 
 
-def _fig_pareto(summary: pd.DataFrame, labels: dict, styles: dict) -> Figure:
+def _fig_pareto(summary: pd.DataFrame, labels: dict, styles: dict, tasks: pd.Series | None = None) -> Figure:
+    """``tasks``: each summary row's task (default: its dataset), one front each."""
     fig, ax = plt.subplots(figsize=(7, 4.5))
     x = summary["bytes_sent_max_worker_mean"].to_numpy(float) / _MB
     xerr = summary["bytes_sent_max_worker_std"].to_numpy(float) / _MB
@@ -337,14 +338,16 @@ def _fig_pareto(summary: pd.DataFrame, labels: dict, styles: dict) -> Figure:
             capsize=3,
             label=f"{labels[cell]} (n={summary['n_seeds'].iloc[i]})",
         )
-    # One front per dataset: a point on easier data would otherwise dominate every point on harder data.
-    several = summary["dataset"].nunique(dropna=False) > 1
-    by_dataset = summary.groupby("dataset", sort=True, dropna=False).indices if several else {"": range(len(x))}
-    for i, (dataset, rows) in enumerate(by_dataset.items()):
+    # One front per task (dataset, or synthetic options): a point on easier data would otherwise dominate
+    # every point on harder data.
+    tasks = (summary["dataset"] if tasks is None else tasks).astype(str).reset_index(drop=True)
+    several = tasks.nunique(dropna=False) > 1
+    by_task = tasks.groupby(tasks, sort=True, dropna=False).indices if several else {"": range(len(x))}
+    for i, (task, rows) in enumerate(by_task.items()):
         rows = np.asarray(rows)
         front = rows[pareto_front(x[rows], y[rows])]
         if len(front) >= 2:
-            label = f"Pareto front · {dataset}" if several else "Pareto front"
+            label = f"Pareto front · {task}" if several else "Pareto front"
             linestyle = _LINESTYLES[(i + 1) % len(_LINESTYLES)]  # dashed first, as with one front
             ax.plot(x[front], y[front], color="0.35", linestyle=linestyle, linewidth=1, zorder=0, label=label)
     scale = _set_log_x(ax, x)
@@ -483,15 +486,18 @@ def plot_folder(
     scaling_metric: str = "bytes_sent_max_worker",
     metrics: pd.DataFrame | None = None,
     target_acc: float | None = None,
+    tasks: Mapping[str, str] | None = None,
 ) -> list[Path]:
     """Draw every figure of a run or compare folder into ``<folder>/figures/``; returns the written paths.
 
     ``target_acc`` is the accuracy the ``*_to_target`` scaling metrics count to (None: those are empty).
+    ``tasks`` names the task of a run whose dataset alone does not (run_id -> e.g. ``synthetic
+    (classes=2)``); the Pareto figure draws one front per task.
 
     ``metrics``: the folder's rows as :func:`pnnctl.stats.load_metrics` reads them, where the caller
     has them already (read from the folder otherwise). The time axis uses the runs' own
     ``projected_s`` unless ``network`` is given, in which case time is re-projected with
-    :func:`pnnctl.stats.reproject`. ``scaling`` is drawn only when the folder has more than one
+    :func:`pnnctl.stats.reproject`. ``scaling`` is drawn only when a strategy ran at more than one
     worker count (a stale one from an earlier call is removed so the folder never shows figures of
     other data).
     """
@@ -508,7 +514,8 @@ def plot_folder(
     metrics = metrics.copy()
     metrics["cell"] = cell_names(metrics)
     metrics["mb_sent_max_worker"] = metrics["bytes_sent_max_worker"] / _MB
-    metrics["time_s"] = reproject(metrics, network)["projected_s"]
+    # Every projected time on the one network: the scaling figure's projected_s too, not only the time axis.
+    metrics["projected_s"] = metrics["time_s"] = reproject(metrics, network)["projected_s"]
 
     runs = run_summaries(metrics, target_acc)
     summary = cell_summary(runs)
@@ -532,7 +539,11 @@ def plot_folder(
             )
             time_fig = _fig_acc_vs_time(metrics, cells, labels, styles, network)
             written += _save(time_fig, figures, "acc_vs_time", formats)
-            written += _save(_fig_pareto(summary, labels, styles), figures, "pareto", formats)
+            task_of_run = runs["run_id"].map(tasks or {}).fillna(runs["dataset"].astype(str))
+            task_of_cell = task_of_run.groupby(runs["cell"]).first()
+            written += _save(
+                _fig_pareto(summary, labels, styles, summary["cell"].map(task_of_cell)), figures, "pareto", formats
+            )
             written += _save(_fig_memory(summary, labels, styles), figures, "memory", formats)
             for key in EXTRA_FIGURES:
                 metrics[key] = _extras_column(metrics, key)
@@ -541,7 +552,8 @@ def plot_folder(
                 if positive.any():
                     shown = metrics[positive]
                     written += _save(_fig_extra(shown, cells, labels, styles, key), figures, key, formats)
-            if runs["workers"].nunique() > 1:
+            # Lone points (every strategy at one worker count, centralized at 1 beside them) show no scaling.
+            if runs.groupby("strategy")["workers"].nunique().max() > 1:
                 colors = strategy_colors(cells["strategy"].astype(str))
                 written += _save(_fig_scaling(runs, colors, scaling_metric), figures, "scaling", formats)
             else:

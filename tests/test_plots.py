@@ -27,7 +27,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def write_run(folder: Path, strategy: str, workers: int, seed: int) -> None:
     """Five evaluations with accuracies, traffic and timings that differ by strategy, workers and seed."""
-    rng = np.random.default_rng([STRATEGIES.index(strategy), workers, seed])
+    rng = np.random.default_rng([STRATEGIES.index(strategy) if strategy in STRATEGIES else 9, workers, seed])
     run_id = f"{strategy}-w{workers}-s{seed}"
     gossip = strategy == "gossip"
     per_round_bytes = (2e6 if gossip else 8e6) * (1 + 0.1 * seed) * (workers / 2)
@@ -165,6 +165,7 @@ def test_strategy_colors_do_not_depend_on_order() -> None:
 def test_single_worker_count_skips_scaling(tmp_path: Path) -> None:
     for strategy in STRATEGIES:
         write_run(tmp_path, strategy, 4, 0)
+    write_run(tmp_path, "centralized", 1, 0)  # a baseline at 1 worker does not make the others' points a scaling
     (tmp_path / "figures").mkdir()
     (tmp_path / "figures" / "scaling.png").write_bytes(b"stale")
     written = plot_folder(tmp_path, formats=("png",), network=NETWORK_PRESETS["wan"])
@@ -337,19 +338,9 @@ def test_scaling_draws_a_line_per_vary_value_and_counts_to_the_target() -> None:
 def test_a_to_target_scaling_metric_is_drawn_from_the_folders_target(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import pnnctl.plots
-
     for workers in (2, 4):
         write_run(tmp_path, "allreduce", workers, 0)
-    drawn = {}
-    real = pnnctl.plots._fig_scaling
-
-    def keep(runs: pd.DataFrame, colors: dict, metric: str) -> object:  # the figure as plot_folder draws it
-        fig = real(runs, colors, metric)
-        drawn["y"] = [list(c.lines[0].get_ydata()) for c in fig.axes[1].containers]
-        return fig
-
-    monkeypatch.setattr(pnnctl.plots, "_fig_scaling", keep)
+    drawn = _scaling_values(monkeypatch)
     plot_folder(tmp_path, formats=("png",), scaling_metric="epochs_to_target", target_acc=0.5)
     # Both runs pass 50% at their third evaluation (epoch 2.5); without the target the panel was empty.
     assert drawn["y"] == [[2.5, 2.5]]
@@ -386,3 +377,70 @@ def test_the_environment_table_covers_every_run_of_a_grid(tmp_path: Path) -> Non
         "| world_size | 1 (1 run); 2 (2 runs) |",
         "| started | 2026-01-02T09:00:00 to 2026-01-02T11:00:00 |",
     ]
+
+
+def _scaling_values(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[list[float]]]:
+    """What plot_folder's scaling figure draws in its metric panel, filled in when it draws it."""
+    import pnnctl.plots
+
+    drawn: dict[str, list[list[float]]] = {}
+    real = pnnctl.plots._fig_scaling
+
+    def keep(runs: pd.DataFrame, colors: dict, metric: str) -> object:
+        fig = real(runs, colors, metric)
+        drawn["y"] = [list(c.lines[0].get_ydata()) for c in fig.axes[1].containers]
+        return fig
+
+    monkeypatch.setattr(pnnctl.plots, "_fig_scaling", keep)
+    return drawn
+
+
+def test_plot_on_another_network_draws_the_scaling_figure_on_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The tables were re-projected on --network, the scaling figure kept the runs' own network's seconds.
+    from pnnctl.stats import load_metrics, reproject
+
+    for workers in (2, 4):
+        write_run(tmp_path, "allreduce", workers, 0)
+    drawn = _scaling_values(monkeypatch)
+    wan = NETWORK_PRESETS["wan"]
+    plot_folder(tmp_path, formats=("png",), network=wan, scaling_metric="projected_s")
+    on_wan = reproject(load_metrics(tmp_path), wan).groupby("run_id")["projected_s"].last()
+    own = load_metrics(tmp_path).groupby("run_id")["projected_s"].last()
+    assert drawn["y"] == [pytest.approx([on_wan["allreduce-w2-s0"], on_wan["allreduce-w4-s0"]])]
+    assert on_wan["allreduce-w2-s0"] > own["allreduce-w2-s0"] + 1.0  # wan is far from the runs' own network
+
+
+def test_each_synthetic_task_of_a_grid_gets_its_own_pareto_front(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # --vary synthetic.classes=2,10: the 2-class points dominated every 10-class point on one front.
+    import pnnctl.plots
+    from pnnctl.grid import report_folder
+
+    for classes, seed in ((2, 0), (10, 1)):
+        for strategy in ("allreduce", "gossip"):
+            write_run(tmp_path, strategy, 2, seed)
+            run = tmp_path / "runs" / f"{strategy}-w2-s{seed}"
+            metrics = pd.read_csv(run / "metrics.csv")
+            metrics["dataset"] = "synthetic"
+            metrics["run_id"] = f"{strategy}-c{classes}"
+            metrics["cell"] = f"{strategy}/synthetic/mlp/w2/synthetic.classes={classes}"  # as --vary names it
+            metrics["test_acc"] *= 1.0 if classes == 2 else 0.5
+            run.rename(run.with_name(f"{strategy}-c{classes}"))
+            run = run.with_name(f"{strategy}-c{classes}")
+            metrics.to_csv(run / "metrics.csv", index=False, lineterminator="\n")
+            (run / "config.toml").write_text(f'dataset = "synthetic"\n\n[synthetic]\nclasses = {classes}\n')
+    fronts: dict[str, list[float]] = {}
+    real = pnnctl.plots._fig_pareto
+
+    def keep(*args: object) -> object:
+        fig = real(*args)
+        fronts.update({line.get_label(): list(line.get_xdata()) for line in fig.axes[0].lines
+                       if line.get_label().startswith("Pareto front")})
+        return fig
+
+    monkeypatch.setattr(pnnctl.plots, "_fig_pareto", keep)
+    report_folder(tmp_path)
+    assert sorted(fronts) == ["Pareto front · synthetic (classes=10)", "Pareto front · synthetic (classes=2)"]
