@@ -179,9 +179,11 @@ def _env_value(value: object) -> str:
     return str(value)
 
 
-def _fastest_rows(fastest: pd.DataFrame, labels: Mapping[str, str] | None = None) -> list[dict[str, str]]:
+def _fastest_rows(
+    fastest: pd.DataFrame, labels: Mapping[str, str] | None = None, reached: Mapping[str, str] | None = None
+) -> list[dict[str, str]]:
     """One row per cell with its seconds under each network, then the winner rows; cells are shown
-    by their ``labels`` where given.
+    by their ``labels`` where given, with how many of their runs reached the target where ``reached`` says.
 
     Cells are rows, networks columns: a grid has a handful of networks and any number of cells, whose
     names are long (the other way round, the table ran off every screen)."""
@@ -198,10 +200,11 @@ def _fastest_rows(fastest: pd.DataFrame, labels: Mapping[str, str] | None = None
     rows: list[dict[str, str]] = []
     for cell in cells:
         seconds = {str(net): _number(float(value)) for net, value in fastest[cell].items()}
-        rows.append({"cell": labels.get(cell, str(cell)), **seconds})
+        counts = {"reached (runs)": reached.get(cell, "")} if reached else {}
+        rows.append({"cell": labels.get(cell, str(cell)), **counts, **seconds})
     for column in winners:
         winner = {str(net): named(value) for net, value in fastest[column].items()}
-        rows.append({"cell": f"**{column}**", **winner})
+        rows.append({"cell": f"**{column}**", **({"reached (runs)": ""} if reached else {}), **winner})
     return rows
 
 
@@ -294,10 +297,13 @@ def write_report(
             f"Mean projected seconds to reach {target_text} under each network model (columns), re-projected from the "
             "busiest node's cumulative messages and bytes (a worker, or the master where there is one; it agrees with "
             "the run's own projection where one node is the busiest every round). "
-            "Means are over the seeds that reached the target; — means no seed did."
+            "Means are over the seeds that reached the target (a cell where one of several did can win: its "
+            "reached column says how many); — means no seed did."
         )
         lines.append("")
-        lines += _markdown_table(_fastest_rows(fastest, labels))
+        reached = {str(cell): f"{n}/{seeds}" for cell, n, seeds in zip(cells["cell"], cells["n_reached"],
+                                                                          cells["n_seeds"], strict=True)}
+        lines += _markdown_table(_fastest_rows(fastest, labels, reached))
         lines.append("")
 
     if published:
