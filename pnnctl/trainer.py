@@ -570,6 +570,7 @@ def _train_holding(
     rows: list[dict[str, Any]] = []
     ranks: list[dict[str, Any]] = []  # measured per process at the last evaluation
     notes: list[str] = []
+    extended: list[str] = []  # the note on a finished run given larger limits
     ckpt = checkpoint_path(run_dir, runtime.rank)
     saved = _agreed_checkpoint(ckpt, shared_comm) if resume else None
     if resume and saved is None:  # a mistyped --run-name would otherwise start a new run without a word
@@ -588,6 +589,16 @@ def _train_holding(
             rows = [r for r in _read_rows(metrics_path) if int(r["round"]) <= state.round]
             _rewrite_rows(metrics_path, rows)
         # Finished and nothing more asked (an epochs or budget change may ask for more): report it as it is.
+        if saved.get("finished") and not reached:
+            before = saved["config"]
+            budget = str(before.get("budget", "epochs"))
+            limits = f"epochs={float(before.get('epochs', 0)):g}" + (f", budget {budget}" if budget != "epochs" else "")
+            extended = [(
+                f"extended a finished run ({limits}; it stopped at epoch {state.samples / len(y_train):.4g}): its rows "
+                "up to there, its last evaluation among them, are that run's, and a last round it cut short to its "
+                "limit is not redone, so this run can differ from one started with the new limits (a new --name or "
+                "--run-name starts one)"
+            )]
         if saved.get("finished") and reached:
             summary = json.loads((run_dir / "summary.json").read_text()) if main else {}
             return RunResult(run_dir, summary.get("status", "finished"), rows, summary, notes)
@@ -707,7 +718,7 @@ def _train_holding(
     if saved is not None and reached:
         # Resumed with a limit the run stopped exactly at (a lower --epochs or budget): nothing is left to
         # train, and the run ends as an uninterrupted one with that limit would have (it used to train a step).
-        warnings = unused + _sparse_evaluations(config, state.longest_round)
+        warnings = extended + unused + _sparse_evaluations(config, state.longest_round)
         if shared_comm.any_true(bool(rows) and int(rows[-1]["round"]) == state.round):
             rows[-1]["status"] = "finished"  # evaluated at this round already: that row is the last
             if main:
@@ -769,7 +780,7 @@ def _train_holding(
                 # --eval-every 0.1) evaluated once at its end, and said nothing.
                 state.longest_round = max(state.longest_round, result.samples / n_train)
             if done:
-                warnings = unused + overshoot + _sparse_evaluations(config, state.longest_round)
+                warnings = extended + unused + overshoot + _sparse_evaluations(config, state.longest_round)
             if done or epoch >= state.next_eval_epoch - 1e-9:
                 # The next multiple of eval_every after this epoch (a round may cross several).
                 state.next_eval_epoch = (math.floor(epoch / config.eval_every + 1e-9) + 1) * config.eval_every

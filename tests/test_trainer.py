@@ -702,6 +702,7 @@ def test_a_run_extended_on_resume_trains_what_a_fresh_run_of_the_new_budget_does
     extended = train(config("samples=1400", tmp_path / "extended"), resume=True)
     fresh = train(config("samples=1400", tmp_path / "fresh"))
     assert [int(r["samples_seen"]) for r in extended.rows] == [0, 704, 1408]
+    assert [n[:65] for n in extended.notes] == ["extended a finished run (epochs=5, budget samples=700; it stopped"]
     assert int(fresh.rows[-1]["samples_seen"]) == 1408
     assert extended.rows[-1]["test_acc"] == fresh.rows[-1]["test_acc"]
     weights = [load_checkpoint(run.run_dir / "checkpoint.pt")["strategy"]["model"] for run in (extended, fresh)]
@@ -725,6 +726,12 @@ def test_resuming_with_more_epochs_extends_the_run_and_its_config_file(small_con
                    resume=True)  # fmt: skip
     assert float(first.rows[-1]["epoch"]) < 1.1 and 2.0 <= float(longer.rows[-1]["epoch"]) < 2.1
     assert "epochs = 2.0" in (first.run_dir / "config.toml").read_text()
+    # Its first rows, its last evaluation at epoch 1 among them, are the shorter run's: said, and kept with the run.
+    (note,) = [n for n in longer.notes if n.startswith("extended a finished run")]
+    assert note.startswith(f"extended a finished run (epochs=1; it stopped at epoch "
+                           f"{float(first.rows[-1]['epoch']):.4g}): its rows up to there")
+    assert note in json.loads((first.run_dir / "summary.json").read_text())["warnings"]
+    assert not [n for n in first.notes if n.startswith("extended")]
 
 
 @pytest.mark.parametrize("finished", [True, False])
