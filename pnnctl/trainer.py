@@ -232,8 +232,7 @@ def check_resumable(saved: dict[str, Any], config: RunConfig, path: Path, world_
     # torchrun's processes record nproc=1 in the config: the checkpoint says how many there were.
     written_by = int(saved.get("world_size", world_size))
     if written_by != world_size:
-        raise UsageError("resume", f"{path} was written by {written_by} processes, not {world_size}; resume it with "
-                                   f"--nproc {written_by} (or torchrun --nproc-per-node {written_by})")
+        raise _written_by_other_processes(path, written_by, world_size)
     now = config_to_dict(config)
     before = saved.get("config", {})
     changed = changed_fields(before, now)
@@ -243,6 +242,11 @@ def check_resumable(saved: dict[str, Any], config: RunConfig, path: Path, world_
             "resume",
             f"{path} was written with {key}={before.get(key)!r}, not {now.get(key)!r}; resume with the same config",
         )
+
+
+def _written_by_other_processes(path: Path, written_by: int, world_size: int) -> UsageError:
+    return UsageError("resume", f"{path} was written by {written_by} processes, not {world_size}; resume it with "
+                                f"--nproc {written_by} (or torchrun --nproc-per-node {written_by})")
 
 
 def _prepare_run_dir(run_dir: Path, resume: bool, config: RunConfig, held: contextlib.ExitStack) -> None:
@@ -276,6 +280,16 @@ def _agreed_checkpoint(ckpt: Path, comm: Comm) -> dict[str, Any] | None:
     newest = max((c["loop"]["round"] for c in candidates), default=-1)
     agreed = comm.min_int(newest)
     if agreed < 0:
+        if comm.any_true(bool(candidates)):
+            # Some ranks have a checkpoint and others none: more processes than wrote it. Starting afresh here
+            # overwrote the run's files with a new run, saying "nothing to resume".
+            problem = ""
+            written_by = int(candidates[0].get("world_size", 1)) if candidates else comm.world_size
+            if written_by != comm.world_size:
+                problem = str(_written_by_other_processes(ckpt, written_by, comm.world_size))
+            problem = comm.share_text(problem) or f"resume: some processes' checkpoints beside {ckpt} are missing"
+            field_name, _, text = problem.partition(": ")
+            raise UsageError(field_name, text)
         return None
     for candidate in candidates:
         if candidate["loop"]["round"] == agreed:

@@ -185,6 +185,21 @@ def test_ranks_killed_early_resume_to_the_uninterrupted_metrics(point: str, tmp_
     assert single.returncode == 2 and "written by 2 processes, not 1" in single.stderr, single.stderr[-2000:]
 
 
+def test_a_run_resumed_with_more_processes_than_wrote_it_is_refused_and_kept(tmp_path: Path) -> None:
+    # Rank 1 found no checkpoint.rank1.pt, so the ranks agreed on "nothing to resume" and a new run overwrote
+    # the old one's metrics, summary and checkpoint (exit 0, "started a new run").
+    args = ["train", "--strategy", "allreduce", "--dataset", "digits", "--model", "mlp:64-32-10", "--workers", "2",
+            "--epochs", "0.2", "--out", str(tmp_path), "--set", "timeout_s=30"]
+    assert run_cli(args).returncode == 0
+    run = tmp_path / "allreduce-w2-s0"
+    before = {name: (run / name).read_bytes() for name in ("metrics.csv", "summary.json", "checkpoint.pt")}
+    more = run_cli([*args, "--nproc", "2", "--resume", "--epochs", "0.3"], timeout=120)
+    assert more.returncode == 2, more.stderr[-2000:]
+    assert f"error: resume: {run / 'checkpoint.pt'} was written by 1 processes, not 2; resume it with --nproc 1" in (
+        more.stdout + more.stderr)
+    assert {name: (run / name).read_bytes() for name in before} == before
+
+
 @pytest.mark.parametrize(
     ("target", "signum", "code"), [("parent", signal.SIGINT, 130), ("process group", signal.SIGTERM, 143)]
 )
