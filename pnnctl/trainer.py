@@ -723,6 +723,8 @@ def _train_holding(
 
     # A samples budget below the epochs is what the run will train (bytes and seconds cannot be foreseen).
     progress.start(config.run_id, samples_allowed(config, n_train) / n_train, state.samples / n_train)
+    # Said whatever the outcome: a diverged or interrupted run dropped them (only a finished one set them).
+    warnings = extended + unused
     if saved is None:  # every rank decides alike: only rank 0 holds the rows, and emitting is a collective
         emit(make_row("running"))
         state.next_eval_epoch = config.eval_every

@@ -260,7 +260,7 @@ def test_run_folder_holds_config_env_metrics_summary_and_checkpoint(uninterrupte
 DIVERGE_ARGS = [
     "train", "--strategy", "allreduce", "--workers", "2", "--dataset", "digits", "--model", "mlp:64-32-10",
     "--epochs", "2", "--lr", "1e8", "--optimizer", "sgd", "--set", "allreduce.steps_per_round=1",
-    "--device", "cpu",
+    "--device", "cpu", "--backend", "gloo",
 ]  # fmt: skip
 
 
@@ -294,6 +294,8 @@ def test_a_huge_learning_rate_ends_the_run_as_diverged_with_a_finite_checkpoint(
     assert all(r["status"] == "running" for r in rows[:-1])
     summary = json.loads((diverged_run.run_dir / "summary.json").read_text())
     assert summary["status"] == "diverged"
+    # A setting the run ignores is said however it ends (only a finished run's summary said it).
+    assert summary["warnings"] == ["backend=gloo has no effect on a simulated run (it is for --nproc or torchrun)"]
     saved = load_checkpoint(diverged_run.run_dir / "checkpoint.pt")
     assert not saved["finished"]
     assert saved["loop"]["round"] < int(rows[-1]["round"])
