@@ -411,10 +411,18 @@ RESUME_CARRIES = ("epochs", "budget", "target_acc", "checkpoint_every", "timeout
 
 
 def resumed_limits(run_dir: Path) -> dict[str, Any]:
-    """The ``RESUME_CARRIES`` values a run folder's config.toml holds (none if it has none): a ``--resume``
-    that did not repeat ``--epochs`` trained to the default 5 epochs, whatever the run was started with."""
+    """The ``RESUME_CARRIES`` values a run folder's config.toml holds (its checkpoint's where config.toml is gone;
+    none without either): a ``--resume`` that did not repeat ``--epochs`` trained to the default 5 epochs,
+    whatever the run was started with."""
     stored = run_dir / "config.toml"
-    values = load_toml(stored) if stored.is_file() else {}
+    if stored.is_file():
+        values = load_toml(stored)
+    elif (run_dir / "checkpoint.pt").is_file():  # without config.toml a resume trained a finished run on to 5 epochs
+        from pnnctl.trainer import load_checkpoint
+
+        values = load_checkpoint(run_dir / "checkpoint.pt").get("config", {})
+    else:
+        values = {}
     return {key: values[key] for key in RESUME_CARRIES if key in values}
 
 

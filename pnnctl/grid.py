@@ -468,10 +468,19 @@ def _environment(folder: Path) -> dict[str, Any]:
     not as each value with its number of runs (start times as the first and last). The report showed the
     first run's alone: its seed, world size and commit for every run of the grid."""
     paths = [folder / "env.json"] if (folder / "env.json").exists() else sorted(folder.glob("runs/*/env.json"))
-    envs = [json.loads(path.read_text()) for path in paths]
+    envs, unreadable = [], []
+    for path in paths:
+        try:
+            env = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):  # a damaged env.json was a traceback after the figures were redrawn
+            env = None
+        if isinstance(env, dict):
+            envs.append(env)
+        else:
+            unreadable.append(str(path.relative_to(folder)))
+    merged: dict[str, Any] = {"unreadable env.json": ", ".join(unreadable)} if unreadable else {}
     if not envs:
-        return {}
-    merged: dict[str, Any] = {}
+        return merged
     for key in dict.fromkeys(key for env in envs for key in env if key != "shards"):
         values = [env.get(key, "") for env in envs]
         counts = Counter(str(value) for value in values)

@@ -449,6 +449,21 @@ def run_summary(rows: list[dict[str, Any]], config: RunConfig) -> dict[str, Any]
     return summary
 
 
+def _finished_summary(run_dir: Path, rows: list[dict[str, Any]], config: RunConfig) -> dict[str, Any]:
+    """A finished run's summary.json, rebuilt from its rows where it is gone or damaged (a traceback on resume)."""
+    try:
+        summary = json.loads((run_dir / "summary.json").read_text(encoding="utf-8"))
+        if isinstance(summary, dict):
+            return summary
+    except (OSError, ValueError):
+        pass
+    if not rows:
+        return {}
+    summary = run_summary(rows, config)
+    atomic_write_text(run_dir / "summary.json", json_text(summary, indent=2) + "\n")
+    return summary
+
+
 def _read_rows(path: Path) -> list[dict[str, Any]]:
     import csv
 
@@ -614,7 +629,7 @@ def _train_holding(
                 "--run-name starts one)"
             )]
         if saved.get("finished") and reached:
-            summary = json.loads((run_dir / "summary.json").read_text()) if main else {}
+            summary = _finished_summary(run_dir, rows, config) if main else {}
             return RunResult(run_dir, summary.get("status", "finished"), rows, summary, notes)
     if main:  # the config the run goes on with: a resumption may ask for more epochs or another budget
         atomic_write_text(run_dir / "config.toml", to_toml(config_to_dict(config)))

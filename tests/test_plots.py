@@ -379,6 +379,11 @@ def test_the_environment_table_covers_every_run_of_a_grid(tmp_path: Path) -> Non
         "| world_size | 1 (1 run); 2 (2 runs) |",
         "| started | 2026-01-02T09:00:00 to 2026-01-02T11:00:00 |",
     ]
+    # A damaged env.json was a JSONDecodeError traceback (after the figures were redrawn): it is named instead.
+    (tmp_path / "runs" / "allreduce-w2-s0" / "env.json").write_text('{"torch": "2.1')
+    report_folder(tmp_path, draw=False)
+    rows = [line for line in (tmp_path / "report.md").read_text().splitlines() if line.startswith("| ")]
+    assert rows[2:4] == ["| unreadable env.json | runs/allreduce-w2-s0/env.json |", "| torch | 2.13.0 |"]
 
 
 def _scaling_values(monkeypatch: pytest.MonkeyPatch) -> dict[str, list[list[float]]]:

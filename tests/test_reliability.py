@@ -58,6 +58,27 @@ def test_a_resume_that_does_not_repeat_the_epochs_trains_to_the_runs_own(tmp_pat
     assert metrics[0]["epoch"].iloc[-1] == pytest.approx(1.5, abs=0.05)
 
 
+@pytest.mark.parametrize("damage", ["config.toml gone", "summary.json gone", "summary.json torn"])
+def test_a_finished_run_with_a_lost_file_resumes_as_it_was(cli, damage: str, tmp_path: Path) -> None:
+    # Without config.toml a plain --resume trained the finished 0.5-epoch run on to the default 5 epochs and
+    # overwrote it; without a whole summary.json it was a FileNotFoundError or JSONDecodeError traceback.
+    args = [*WITHOUT_EPOCHS, "--out", tmp_path]
+    assert cli(*args, "--epochs", "0.5").code == 0
+    run_dir = tmp_path / "local-sgd-w3-s0"
+    rows = (run_dir / "metrics.csv").read_text()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    name, _, how = damage.partition(" ")
+    if how == "gone":
+        (run_dir / name).unlink()
+    else:
+        (run_dir / name).write_text((run_dir / name).read_text()[:40])
+    resumed = cli(*args, "--resume")
+    assert resumed.code == 0, resumed.err
+    assert (run_dir / "metrics.csv").read_text() == rows
+    rebuilt = json.loads((run_dir / "summary.json").read_text())
+    assert rebuilt["final"] == summary["final"] and rebuilt["status"] == "finished"
+
+
 def test_a_resume_with_a_budget_the_checkpoint_meets_exactly_finishes_without_training(tmp_path: Path) -> None:
     import torch
 
