@@ -200,6 +200,9 @@ def cell_configs(layers: dict[str, Any], grid: GridSpec, folder: Path) -> list[R
     """Every run of the grid, validated before any of them starts."""
     from strategies import get_strategy
 
+    if (folder / "metrics.csv").exists():  # its cells went in, but every table and report showed the one run
+        raise UsageError("name", f"{folder} holds a single run (train's metrics.csv), not a grid; choose another "
+                                 "--name or --out")
     configs = []
     datasets = grid.datasets or (layers.get("dataset", "mnist-small"),)
     _check_vary(grid, datasets)
@@ -551,7 +554,11 @@ def compare_from_cli(
     loss: str | None = None,
 ) -> CompareOutcome | None:
     file_values = load_toml(config_file) if config_file else {}
-    grid_values = dict(file_values.pop("compare", {}) or {})
+    table = file_values.pop("compare", {}) or {}
+    if not isinstance(table, dict):
+        raise UsageError("compare", f"must be a table ([compare] with strategies = [...], workers = [...], ...), "
+                                    f"not {table!r}")
+    grid_values = dict(table)
     grid_values.update(grid_flags)
     grid = GridSpec.build(grid_values)
     assignments = [*assignments, *loss_assignments(loss, list(grid.strategies))]

@@ -252,6 +252,8 @@ def _written_by_other_processes(path: Path, written_by: int, world_size: int) ->
 def _prepare_run_dir(run_dir: Path, resume: bool, config: RunConfig, held: contextlib.ExitStack) -> None:
     """Check that ``run_dir`` may be (re)written, make it and lock it for this process until ``held`` closes:
     two ``train --resume`` of one run at once wrote every metrics row twice."""
+    if (run_dir / "grid.toml").exists() or (run_dir / "runs").is_dir():  # its report then showed this run alone
+        raise UsageError("run_name", f"{run_dir} holds a compare grid, not a run; choose another --run-name or --out")
     if (run_dir / "metrics.csv").exists() and not resume:
         msg = f"{run_dir} already holds a run; pass --resume to continue it, or choose --run-name or --out"
         raise UsageError("run_name", msg)

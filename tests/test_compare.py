@@ -347,3 +347,32 @@ def test_a_plain_plot_keeps_the_target_of_the_grids_latest_command(cli, tmp_path
     assert "to reach 40.00%" in report.read_text()
     assert cli("plot", tmp_path / "compare").code == 0
     assert "to reach 40.00%" in report.read_text()  # it went back to the runs' own 30%
+
+
+def test_a_run_folder_and_a_grid_folder_are_not_written_into_each_other(cli, tmp_path: Path) -> None:
+    # A train into a grid's folder, or a compare into a run's, went through (exit 0): the grid's cells then
+    # vanished from its report, or the new grid's report showed the old run alone.
+    tiny = ["--model", "mlp:64-16-10", "--epochs", "0.1", "--out", tmp_path]
+    grid = ["compare", "--datasets", "digits", "--workers", "2", "--no-plots"]
+    assert cli(*grid, "--strategies", "allreduce", "--name", "g", *tiny).code == 0
+    grid_files = {path: path.read_bytes() for path in (tmp_path / "g").rglob("*") if path.is_file()}
+    into_grid = cli("train", "--dataset", "digits", "--strategy", "ist", "--workers", "2", "--run-name", "g", *tiny)
+    assert into_grid.code == 2 and into_grid.err_lines == [
+        f"error: run_name: {tmp_path / 'g'} holds a compare grid, not a run; choose another --run-name or --out"]
+    assert {path: path.read_bytes() for path in (tmp_path / "g").rglob("*") if path.is_file()} == grid_files
+
+    assert cli("train", "--dataset", "digits", "--strategy", "allreduce", "--workers", "2", "--run-name", "r",
+               *tiny).code == 0
+    into_run = cli(*grid, "--strategies", "local-sgd", "--name", "r", *tiny)
+    assert into_run.code == 2 and into_run.err_lines == [
+        f"error: name: {tmp_path / 'r'} holds a single run (train's metrics.csv), not a grid; choose another --name "
+        "or --out"]
+    assert not (tmp_path / "r" / "runs").exists()
+
+
+def test_a_compare_key_that_is_not_a_table_is_a_usage_error(cli, tmp_path: Path) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text("compare = 3\n")
+    result = cli("compare", "--config", config, "--dry-run")
+    assert result.code == 2 and result.err_lines == [
+        "error: compare: must be a table ([compare] with strategies = [...], workers = [...], ...), not 3"]
