@@ -122,8 +122,11 @@ def folder_lock(folder: Path, writer: str) -> Iterator[None]:
     for the lock are removed again if nothing else was written in them (a refused grid).
     """
     made = [path for path in (folder, *folder.parents) if not path.exists()]
-    folder.mkdir(parents=True, exist_ok=True)
     lock = folder / ".lock"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file where a folder goes, a read-only disk: a traceback before
+        raise UsageError("out", f"cannot create {folder}: {exc.strerror or exc}") from None
     for _ in range(2):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
@@ -135,8 +138,13 @@ def folder_lock(folder: Path, writer: str) -> Iterator[None]:
             if owner and _alive(owner):
                 msg = f"{folder} is being written by another {writer} (pid {owner}); wait for it"
                 raise UsageError("out", msg) from None
-            lock.unlink(missing_ok=True)
+            try:
+                lock.unlink(missing_ok=True)
+            except OSError as exc:
+                raise UsageError("out", f"cannot remove the stale lock {lock}: {exc.strerror or exc}") from None
             continue
+        except OSError as exc:
+            raise UsageError("out", f"cannot write the lock {lock}: {exc.strerror or exc}") from None
         with os.fdopen(fd, "w") as handle:
             handle.write(str(os.getpid()))
         break

@@ -312,6 +312,21 @@ def test_second_writer_is_refused_by_the_lock(tmp_path: Path) -> None:
         assert (folder / ".lock").read_text() == str(os.getpid())
 
 
+def test_a_folder_that_cannot_be_locked_is_a_usage_error(tmp_path: Path) -> None:
+    # A file where the folder goes and a folder named .lock were NotADirectoryError / IsADirectoryError tracebacks.
+    from pnnctl.errors import UsageError
+    from pnnctl.io import folder_lock
+
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UsageError) as info, folder_lock(tmp_path / "file" / "grid", "compare"):
+        pass
+    assert str(info.value) == f"out: cannot create {tmp_path / 'file' / 'grid'}: Not a directory"
+    (tmp_path / "grid" / ".lock").mkdir(parents=True)
+    with pytest.raises(UsageError) as info, folder_lock(tmp_path / "grid", "train"):
+        pass
+    assert str(info.value) == f"out: cannot remove the stale lock {tmp_path / 'grid' / '.lock'}: Is a directory"
+
+
 #: One small deterministic run per registered strategy: (workers, model, extra flags).
 EVERY_STRATEGY = {
     "centralized": (1, "mlp:64-32-10", []),
