@@ -366,15 +366,20 @@ def compare(
         atomic_write_text(folder / "failures.json", json.dumps(failures, indent=2) + "\n")
         target = layers.get("target_acc") or None
         metrics, runs, cells = _tables(folder, target)
+        if metrics.empty:  # every cell failed: the failures are the outcome, and there is nothing to report
+            return CompareOutcome(folder, metrics, runs, cells, failures, warnings=warnings)
         report_folder(folder, target_acc=target, command=command, failures=failures, draw=plots, metrics=metrics)
     return CompareOutcome(folder, metrics, runs, cells, failures, warnings=warnings)
 
 
 def _tables(folder: Path, target_acc: float | None) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """The grid's metrics rows, run summaries and cell summaries (report_folder writes summary.csv)."""
+    """The grid's metrics rows, run summaries and cell summaries (report_folder writes summary.csv); empty where
+    no cell has written a row (reading them raised "not a pnnctl results folder" in place of the failures)."""
+    from pnnctl.schema import METRIC_COLUMNS
     from pnnctl.stats import cell_summary, load_metrics, run_summaries
 
-    metrics = load_metrics(folder)
+    has_rows = any((folder / "runs").glob("*/metrics.csv"))
+    metrics = load_metrics(folder) if has_rows else pd.DataFrame(columns=list(METRIC_COLUMNS))
     runs = run_summaries(metrics, target_acc)
     return metrics, runs, cell_summary(runs)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -268,6 +269,13 @@ def test_a_cell_that_fails_while_running_is_recorded_and_the_grid_goes_on(
     assert failures == [{"run_id": "local-sgd-digits-w2-s0", "error": "RuntimeError: rank 1 died"}]
     summary = pd.read_csv(tmp_path / "grid" / "summary.csv")
     assert list(summary["strategy"]) == ["centralized"]
+    # With every cell failing the failures were hidden behind "not a pnnctl results folder (no metrics.csv)", exit 2.
+    monkeypatch.setattr(pnnctl.launch, "run_training", lambda config, **kwargs: rank_died_in_local_sgd(
+        dataclasses.replace(config, strategy="local-sgd")))
+    every = cli(*GRID, "--out", tmp_path, "--name", "all-failed", "--no-plots")
+    assert every.code == 1 and "2 cell(s) failed (listed in" in every.err, every.err
+    assert "not a pnnctl results folder" not in every.err
+    assert len(json.loads((tmp_path / "all-failed" / "failures.json").read_text())) == 2
 
 
 def test_a_grid_with_a_cell_its_strategy_or_data_refuses_runs_nothing(cli, tmp_path: Path) -> None:
