@@ -314,7 +314,7 @@ def test_a_grid_over_synthetic_options_chooses_the_fastest_within_each_task(cli,
     assert result.code == 0, result.err
     text = (tmp_path / "compare" / "report.md").read_text()
     rows = [line.split(" | ") for line in text.splitlines() if line.startswith("| **fastest")]
-    fastest = {row[0].removeprefix("| "): row[1] for row in rows}
+    fastest = {row[0].removeprefix("| "): row[2] for row in rows}  # row[1]: the cells' "reached (runs)" column
     assert list(fastest) == ["**fastest on synthetic (classes=2)**", "**fastest on synthetic (classes=10)**"]
     assert fastest["**fastest on synthetic (classes=2)**"].endswith("classes=2")
     assert fastest["**fastest on synthetic (classes=10)**"].endswith("classes=10")
