@@ -539,7 +539,9 @@ def plot_folder(
             )
             time_fig = _fig_acc_vs_time(metrics, cells, labels, styles, network)
             written += _save(time_fig, figures, "acc_vs_time", formats)
-            task_of_run = runs["run_id"].map(tasks or {}).fillna(runs["dataset"].astype(str))
+            named = tasks or {}
+            task_of_run = pd.Series([named.get(run, str(dataset)) for run, dataset in zip(runs["run_id"],
+                                     runs["dataset"], strict=True)], index=runs.index)  # fmt: skip
             task_of_cell = task_of_run.groupby(runs["cell"]).first()
             written += _save(
                 _fig_pareto(summary, labels, styles, summary["cell"].map(task_of_cell)), figures, "pareto", formats

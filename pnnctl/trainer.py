@@ -244,6 +244,15 @@ def check_resumable(saved: dict[str, Any], config: RunConfig, path: Path, world_
         )
 
 
+def _raise_on_every_rank(comm: Comm, problem: str) -> None:
+    """Rank 0's usage error ("field: text"; none if empty) raised on every rank: one rank stopping alone would
+    leave the others waiting for it in a collective."""
+    problem = comm.share_text(problem)
+    if problem:
+        field_name, _, text = problem.partition(": ")
+        raise UsageError(field_name, text)
+
+
 def _written_by_other_processes(path: Path, written_by: int, world_size: int) -> UsageError:
     return UsageError("resume", f"{path} was written by {written_by} processes, not {world_size}; resume it with "
                                 f"--nproc {written_by} (or torchrun --nproc-per-node {written_by})")
@@ -289,9 +298,7 @@ def _agreed_checkpoint(ckpt: Path, comm: Comm) -> dict[str, Any] | None:
             written_by = int(candidates[0].get("world_size", 1)) if candidates else comm.world_size
             if written_by != comm.world_size:
                 problem = str(_written_by_other_processes(ckpt, written_by, comm.world_size))
-            problem = comm.share_text(problem) or f"resume: some processes' checkpoints beside {ckpt} are missing"
-            field_name, _, text = problem.partition(": ")
-            raise UsageError(field_name, text)
+            _raise_on_every_rank(comm, problem or f"resume: some processes' checkpoints beside {ckpt} are missing")
         return None
     for candidate in candidates:
         if candidate["loop"]["round"] == agreed:
@@ -451,6 +458,16 @@ def run_summary(rows: list[dict[str, Any]], config: RunConfig) -> dict[str, Any]
     return summary
 
 
+def _extension_note(before: Mapping[str, Any], stopped_at_epoch: float) -> str:
+    """What a finished run (its config ``before``) extended to larger limits keeps of the shorter run."""
+    budget = str(before.get("budget", "epochs"))
+    limits = f"epochs={float(before.get('epochs', 0)):g}" + (f", budget {budget}" if budget != "epochs" else "")
+    return (f"extended a finished run ({limits}; it stopped at epoch {stopped_at_epoch:.4g}): its rows up to there, "
+            "its last evaluation among them, are that run's, and a last round it cut short to its limit is not "
+            "redone, so this run can differ from one started with the new limits (a new --name or --run-name "
+            "starts one)")
+
+
 def _finished_summary(run_dir: Path, rows: list[dict[str, Any]], config: RunConfig) -> dict[str, Any]:
     """A finished run's summary.json, rebuilt from its rows where it is gone or damaged (a traceback on resume)."""
     try:
@@ -588,11 +605,7 @@ def _train_holding(
             _prepare_run_dir(run_dir, resume, config, held)
         except UsageError as exc:
             problem = str(exc)
-    # Every rank must stop on rank 0's error, or the others would wait for it in a collective.
-    problem = shared_comm.share_text(problem)
-    if problem:
-        field_name, _, text = problem.partition(": ")
-        raise UsageError(field_name, text)
+    _raise_on_every_rank(shared_comm, problem)
     x_test, y_test = data.x_test.to(device), data.y_test.to(device)
     backend = "simulated" if comm is None else getattr(comm, "backend", "distributed")
 
@@ -621,15 +634,7 @@ def _train_holding(
             _rewrite_rows(metrics_path, rows)
         # Finished and nothing more asked (an epochs or budget change may ask for more): report it as it is.
         if saved.get("finished") and not reached:
-            before = saved["config"]
-            budget = str(before.get("budget", "epochs"))
-            limits = f"epochs={float(before.get('epochs', 0)):g}" + (f", budget {budget}" if budget != "epochs" else "")
-            extended = [(
-                f"extended a finished run ({limits}; it stopped at epoch {state.samples / len(y_train):.4g}): its rows "
-                "up to there, its last evaluation among them, are that run's, and a last round it cut short to its "
-                "limit is not redone, so this run can differ from one started with the new limits (a new --name or "
-                "--run-name starts one)"
-            )]
+            extended = [_extension_note(saved["config"], state.samples / len(y_train))]
         if saved.get("finished") and reached:
             summary = _finished_summary(run_dir, rows, config) if main else {}
             return RunResult(run_dir, summary.get("status", "finished"), rows, summary, notes)
@@ -741,7 +746,7 @@ def _train_holding(
     # A samples budget below the epochs is what the run will train (bytes and seconds cannot be foreseen).
     progress.start(config.run_id, samples_allowed(config, n_train) / n_train, state.samples / n_train)
     # Said whatever the outcome: a diverged or interrupted run dropped them (only a finished one set them).
-    warnings = extended + unused
+    standing = warnings = extended + unused
     if saved is None:  # every rank decides alike: only rank 0 holds the rows, and emitting is a collective
         emit(make_row("running"))
         state.next_eval_epoch = config.eval_every
@@ -751,7 +756,7 @@ def _train_holding(
     if saved is not None and reached:
         # Resumed with a limit the run stopped exactly at (a lower --epochs or budget): nothing is left to
         # train, and the run ends as an uninterrupted one with that limit would have (it used to train a step).
-        warnings = extended + unused + _sparse_evaluations(config, state.longest_round)
+        warnings = standing + _sparse_evaluations(config, state.longest_round)
         if shared_comm.any_true(bool(rows) and int(rows[-1]["round"]) == state.round):
             rows[-1]["status"] = "finished"  # evaluated at this round already: that row is the last
             if main:
@@ -813,7 +818,7 @@ def _train_holding(
                 # --eval-every 0.1) evaluated once at its end, and said nothing.
                 state.longest_round = max(state.longest_round, result.samples / n_train)
             if done:
-                warnings = extended + unused + overshoot + _sparse_evaluations(config, state.longest_round)
+                warnings = standing + overshoot + _sparse_evaluations(config, state.longest_round)
             if done or epoch >= state.next_eval_epoch - 1e-9:
                 # The next multiple of eval_every after this epoch (a round may cross several).
                 state.next_eval_epoch = (math.floor(epoch / config.eval_every + 1e-9) + 1) * config.eval_every
