@@ -466,12 +466,10 @@ def resolve_config(
     file_values = load_toml(config_file) if config_file else None
     if file_values:
         file_values.pop("compare", None)
-    source = str(config_file)
-    layers = resolve_layers(file_values, flags, assignments, source, underneath)
-    if loss is not None:
+    layers = resolve_layers(file_values, flags, assignments, str(config_file), underneath)
+    if loss is not None:  # the last layer, as a --set after the others
         strategy = str(layers.get("strategy", RunConfig.strategy))
-        with_loss = [*(assignments or []), *loss_assignments(loss, [strategy])]
-        layers = resolve_layers(file_values, flags, with_loss, source, underneath)
+        layers = merge_layers(layers, split_sections(parse_set(loss_assignments(loss, [strategy])), "--set"))
     return config_from_dict(layers)
 
 

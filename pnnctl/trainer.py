@@ -259,8 +259,8 @@ def _written_by_other_processes(path: Path, written_by: int, world_size: int) ->
 
 
 def _prepare_run_dir(run_dir: Path, resume: bool, config: RunConfig, held: contextlib.ExitStack) -> None:
-    """Check that ``run_dir`` may be (re)written, make it and lock it for this process until ``held`` closes:
-    two ``train --resume`` of one run at once wrote every metrics row twice."""
+    """Check that ``run_dir`` may be (re)written, make it and lock it for this process until ``held`` closes
+    (``io.folder_lock``): two ``train --resume`` of one run at once wrote every metrics row twice."""
     if (run_dir / "grid.toml").exists() or (run_dir / "runs").is_dir():  # its report then showed this run alone
         raise UsageError("run_name", f"{run_dir} holds a compare grid, not a run; choose another --run-name or --out")
     if (run_dir / "metrics.csv").exists() and not resume:
@@ -274,13 +274,7 @@ def _prepare_run_dir(run_dir: Path, resume: bool, config: RunConfig, held: conte
             raise UsageError("resume", f"{run_dir} has no checkpoint to resume, and holds a run with other "
                                        f"settings (it differs in {', '.join(changed)}); choose --run-name or --out, "
                                        "or delete that run folder")
-    try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise UsageError("out", f"cannot create {run_dir}: {exc.strerror or exc}") from None
-    if not os.access(run_dir, os.W_OK):
-        raise UsageError("out", f"{run_dir} is not writable")
-    held.enter_context(folder_lock(run_dir, "train"))
+    held.enter_context(folder_lock(run_dir, "train"))  # makes the folder, and proves it writable
     for stale in run_dir.glob(".*.tmp"):  # half-written temporaries of a killed run; the real files are whole
         stale.unlink(missing_ok=True)
 

@@ -413,8 +413,9 @@ def test_plot_on_another_network_draws_the_scaling_figure_on_it(
     drawn = _scaling_values(monkeypatch)
     wan = NETWORK_PRESETS["wan"]
     plot_folder(tmp_path, formats=("png",), network=wan, scaling_metric="projected_s")
-    on_wan = reproject(load_metrics(tmp_path), wan).groupby("run_id")["projected_s"].last()
-    own = load_metrics(tmp_path).groupby("run_id")["projected_s"].last()
+    metrics = load_metrics(tmp_path)
+    on_wan = reproject(metrics, wan).groupby("run_id")["projected_s"].last()
+    own = metrics.groupby("run_id")["projected_s"].last()
     assert drawn["y"] == [pytest.approx([on_wan["allreduce-w2-s0"], on_wan["allreduce-w4-s0"]])]
     assert on_wan["allreduce-w2-s0"] > own["allreduce-w2-s0"] + 1.0  # wan is far from the runs' own network
 
