@@ -268,6 +268,49 @@ def test_plbfgs_decreases_a_partially_separable_objective_monotonically() -> Non
     assert torch.allclose(x, torch.ones(n, dtype=torch.float64), atol=1e-3)
 
 
+def bfgs_by_recursion(pairs: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """The dense BFGS matrix of ``pairs`` (oldest first) from sigma I, sigma = y.y / s.y of the newest."""
+    s, y = pairs[-1]
+    matrix = float(y @ y / (s @ y)) * torch.eye(len(s), dtype=torch.float64)
+    for s, y in pairs:
+        bs = matrix @ s
+        matrix = matrix - torch.outer(bs, bs) / (s @ bs) + torch.outer(y, y) / (y @ s)
+    return matrix
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_plbfgs_products_equal_the_bfgs_recursion_of_each_element(dtype: torch.dtype) -> None:
+    # Three overlapping elements of different sizes (padding), memory 4 over 7 pairs (the history
+    # shifts), one pair of negative curvature for the first element (not kept) and one pair parallel to
+    # the one before it (nearly singular middle matrix in the compact form).
+    generator = torch.Generator().manual_seed(0)
+    n, memory = 40, 4
+    index = [torch.arange(0, 20), torch.arange(10, 40), torch.arange(30, 35)]
+    hessians = []
+    for ix in index:
+        a = torch.randn(len(ix), len(ix), generator=generator, dtype=torch.float64)
+        hessians.append(a @ a.T + 0.1 * torch.eye(len(ix), dtype=torch.float64))
+    optimizer = PartitionedLBFGS(index, n, memory=memory, dtype=dtype)
+    kept: list[list[tuple[torch.Tensor, torch.Tensor]]] = [[] for _ in index]
+    step = torch.zeros(n, dtype=torch.float64)
+    for k in range(7):
+        step = 0.5 * step if k == 6 else torch.randn(n, generator=generator, dtype=torch.float64)
+        grad_change = torch.zeros(len(index), n, dtype=torch.float64)
+        for e, (ix, hessian) in enumerate(zip(index, hessians, strict=True)):
+            grad_change[e, ix] = (-1.0 if (e, k) == (0, 3) else 1.0) * hessian @ step[ix]
+            if (e, k) != (0, 3):
+                kept[e] = [*kept[e], (step[ix], grad_change[e, ix])][-memory:]
+        updated = optimizer.update(step.to(dtype), grad_change.to(dtype))
+        assert updated == (2 if k == 3 else 3)
+    v = torch.randn(n, generator=generator, dtype=torch.float64)
+    expected = torch.zeros(n, dtype=torch.float64)
+    for ix, pairs in zip(index, kept, strict=True):
+        expected[ix] += bfgs_by_recursion(pairs) @ v[ix]
+    product = optimizer.hessian_vector(v.to(dtype)).double()
+    tolerance = 1e-12 if dtype == torch.float64 else 1e-5
+    assert float((product - expected).norm() / expected.norm()) < tolerance
+
+
 @pytest.mark.parametrize("partitioned", [True, False])
 def test_plbfgs_and_lbfgs_converge_on_a_convex_partially_separable_quadratic(partitioned: bool) -> None:
     generator = torch.Generator().manual_seed(0)
