@@ -4,8 +4,8 @@ share of time spent in the worker group's collectives and ledger (goal < 5% in s
 The share is ``collective_s / compute_s`` from the metrics. A second column splits out the part of it
 spent in graph mixing's neighbour-weighted sums (``pnnctl.workers.weighted_rows``, timed here by a
 wrapper): arithmetic a real agent does on the vectors it received, as opposed to moving data and
-keeping the ledger. A third gives the sums' rate in GB/s, counting the fewest bytes they must move
-(every neighbour row read once per use, every output row written once), and its ratio to a streaming
+keeping the ledger. A third gives the sums' rate in GB/s, counting the fewest bytes their products must
+move (each product's source rows read once, its output rows written once), and its ratio to a streaming
 ``c = a + 0.5 b`` over the same working set measured right after the cell: near 1x the sums are
 memory-bound, and only moving fewer bytes (not faster arithmetic) would shrink them.
 
@@ -42,8 +42,8 @@ from strategies import STRATEGIES
 
 class TimedNeighbourSums:
     """Wraps ``pnnctl.workers.weighted_rows`` (looked up at call time by WorkerGroup.mix) to add up its
-    seconds and the fewest bytes it could have moved: each neighbour's row read once per use and each
-    output row written once (a dense product: every row read once)."""
+    seconds and the fewest bytes its products must move: each block product's source rows read once and
+    its output rows written once (read too where it adds); one matrix product: every row read once."""
 
     def __init__(self) -> None:
         self.inner = pnnctl.workers.weighted_rows
@@ -56,17 +56,17 @@ class TimedNeighbourSums:
         self.largest: torch.Tensor | None = None  # the biggest mixed state's shape (meta), for the reference
 
     def __call__(
-        self, rows: torch.Tensor, values: torch.Tensor, neighbours: Any, out: torch.Tensor | None = None
+        self, rows: torch.Tensor, values: torch.Tensor, plan: Any, out: torch.Tensor | None = None
     ) -> torch.Tensor:
         wait_for_gpu()
         start = time.perf_counter()
         try:
-            return self.inner(rows, values, neighbours, out=out)
+            return self.inner(rows, values, plan, out=out)
         finally:
             wait_for_gpu()
             self.seconds += time.perf_counter() - start
-            reads = values.shape[0] if neighbours is None else sum(len(pairs) for pairs in neighbours)
-            self.bytes += (reads + rows.shape[0]) * values[0].numel() * values.element_size()
+            moved = values.shape[0] + rows.shape[0] if plan is None else plan.rows_moved
+            self.bytes += moved * values[0].numel() * values.element_size()
             if self.largest is None or values.numel() > self.largest.numel():
                 self.largest = torch.empty_like(values, device="meta")
 

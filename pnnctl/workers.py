@@ -253,8 +253,120 @@ def block_sizes(n_workers: int, world_size: int) -> list[int]:
     return [base + (1 if r < extra else 0) for r in range(world_size)]
 
 
-#: per row, the (column, weight) pairs of its non-zero weights
-Neighbours = list[list[tuple[int, float]]]
+@dataclass(frozen=True)
+class _BlockProduct:
+    """``out[rows] (=|+=) weights @ values[columns]``: one block of a graph's mixing matrix."""
+
+    rows: tuple[int, int]
+    columns: tuple[int, int]
+    weights: Tensor
+    accumulate: bool
+
+    def apply(self, out_rows: Tensor, sources: Tensor) -> None:
+        target = out_rows[self.rows[0] : self.rows[1]]
+        source = sources[self.columns[0] : self.columns[1]]
+        if self.weights.numel() == 1:  # one term: a [1, 1] GEMM ran 2.7x slower than a multiply
+            weight = float(self.weights)
+            if self.accumulate:
+                target.add_(source, alpha=weight)
+            else:
+                torch.mul(source, weight, out=target)
+        elif self.accumulate:
+            target.addmm_(self.weights, source)
+        else:
+            torch.mm(self.weights, source, out=target)
+
+
+@dataclass(frozen=True)
+class MixingPlan:
+    """A sparse mixing matrix as products of blocks of rows with contiguous runs of columns (``mixing_plan``)."""
+
+    products: list[_BlockProduct]
+    zero_rows: list[tuple[int, int]]
+    #: source and output rows the products read and write (accumulating ones read their output too)
+    rows_moved: int
+
+
+#: rows of the mixing matrix per block product
+MIXING_BLOCK_ROWS = 16
+#: zero-weight columns a block's run may span rather than start another product
+MIXING_MAX_GAP = 2
+#: a CPU's rough rates, to choose between the block products and one matrix product: only their
+#: ratios matter (a 2-core Xeon VM: 100 G multiply-adds/s in these thin GEMMs, 20 GB/s, 5 us a call)
+_MULTIPLY_ADDS_PER_S, _BYTES_PER_S, _SECONDS_PER_CALL = 100e9, 20e9, 5e-6
+
+
+def _column_runs(columns: list[int]) -> list[tuple[int, int]]:
+    """Sorted column indices as ``[start, stop)`` runs, bridging gaps of up to MIXING_MAX_GAP columns."""
+    runs = [[columns[0], columns[0] + 1]]
+    for column in columns[1:]:
+        if column - runs[-1][1] <= MIXING_MAX_GAP:
+            runs[-1][1] = column + 1
+        else:
+            runs.append([column, column + 1])
+    return [(start, stop) for start, stop in runs]
+
+
+def _seconds(multiply_adds: int, rows_moved: int, calls: int, row_bytes: int) -> float:
+    row_elements = row_bytes / 4
+    return (multiply_adds * row_elements / _MULTIPLY_ADDS_PER_S + rows_moved * row_bytes / _BYTES_PER_S
+            + calls * _SECONDS_PER_CALL)
+
+
+def mixing_plan(rows: Tensor, row_bytes: int) -> MixingPlan | None:
+    """How to apply ``rows [m, N]`` to values of ``row_bytes`` per row on the CPU, or None where one
+    matrix product over all N columns is expected to be faster.
+
+    Each block of up to MIXING_BLOCK_ROWS rows is one GEMM over the run of columns that holds most of
+    its weights (a ring's or torus's band), which writes the block, plus small products for the other
+    runs (a ring's wrap-around), added to the rows they touch. A GEMM reads each source row once per
+    block and writes each output row once; the row-by-row sums these replace (multiply, then add one
+    neighbour at a time) read and wrote every output row once per neighbour. On a 2-core Xeon VM with
+    rows of 269k floats (row by row / block products / one product, ms): ring N = 64 30.0 / 11.0 / 25.5,
+    N = 256 123 / 38.4 / 264; torus 16 x 16 124 / 101 / 162; up to N = 16 one product (1.4 ms for a
+    ring, 3.9 row by row); Erdős–Rényi(0.05) at N = 256, whose neighbours scatter over every block,
+    339 / 293 / 143. The plan is taken where a cost model of multiply-adds, bytes and calls says so.
+
+    None on a GPU (one product beats many small kernels).
+    """
+    if rows.device.type != "cpu":
+        return None
+    plan = block_plan(rows)
+    blocked = _seconds(sum(p.weights.numel() for p in plan.products), plan.rows_moved,
+                       len(plan.products) + len(plan.zero_rows), row_bytes)
+    m, n = rows.shape
+    if m * n > 1 and _seconds(m * n, m + n, 1, row_bytes) <= blocked:
+        return None
+    return plan
+
+
+def block_plan(rows: Tensor) -> MixingPlan:
+    """``rows [m, N]`` as block products (``mixing_plan`` says when to use them)."""
+    nonzero = rows != 0
+    m = rows.shape[0]
+    products: list[_BlockProduct] = []
+    zero_rows: list[tuple[int, int]] = []
+    moved = 0
+    for start in range(0, m, MIXING_BLOCK_ROWS):
+        stop = min(m, start + MIXING_BLOCK_ROWS)
+        block = nonzero[start:stop]
+        columns = block.any(0).nonzero().flatten().tolist()
+        if not columns:
+            zero_rows.append((start, stop))
+            continue
+        runs = _column_runs(columns)
+        terms = [int(block[:, a:b].sum()) for a, b in runs]
+        main = max(range(len(runs)), key=terms.__getitem__)
+        for k in [main, *(k for k in range(len(runs)) if k != main)]:
+            a, b = runs[k]
+            if k == main:
+                r0, r1 = start, stop
+            else:
+                touched = block[:, a:b].any(1).nonzero().flatten()
+                r0, r1 = start + int(touched[0]), start + int(touched[-1]) + 1
+            products.append(_BlockProduct((r0, r1), (a, b), rows[r0:r1, a:b].contiguous(), accumulate=k != main))
+            moved += (b - a) + (r1 - r0) * (2 if k != main else 1)
+    return MixingPlan(products, zero_rows, moved)
 
 
 @dataclass(frozen=True)
@@ -267,34 +379,13 @@ class _GraphPlan:
     in_degree: np.ndarray
     peer_ranks: list[int]
     local_rows: Tensor
-    neighbours: Neighbours | None
+    mixing: MixingPlan | None
 
 
-def sparse_neighbours(rows: Tensor) -> Neighbours | None:
-    """Each row's (column, weight) pairs where summing them beats the matrix product, else None.
-
-    On the CPU a graph's mixing weights (a few neighbours each) are summed row by row, reading only
-    the neighbours' vectors: the dense product does N multiply-adds per element where a ring needs 3
-    and ran 1.7x (N = 16) to 13x (N = 256) slower. Measured per row of 269k floats, row by row wins
-    while rows hold at most 3 terms on average (every ring, and a complete graph of 3: 0.15 vs 0.22
-    ms; at N = 1 the product is a [1, 1] GEMM, 2.7x slower than a multiply) or at most a third of N
-    (torus 4x4, 5 terms: 1.5 vs 1.8 ms; 3x3: 0.70 vs 0.60); denser rows, and any GPU, where one
-    product beats many small kernels, take the product.
-    """
-    nonzero = rows != 0
-    terms = int(nonzero.sum())
-    if rows.device.type != "cpu" or (terms > 3 * rows.shape[0] and terms * 3 > rows.numel()):
-        return None
-    return [
-        [(j, weight) for j, (weight, present) in enumerate(zip(row, mask, strict=True)) if present]
-        for row, mask in zip(rows.tolist(), nonzero.tolist(), strict=True)
-    ]
-
-
-def weighted_rows(rows: Tensor, values: Tensor, neighbours: Neighbours | None, out: Tensor | None = None) -> Tensor:
+def weighted_rows(rows: Tensor, values: Tensor, plan: MixingPlan | None, out: Tensor | None = None) -> Tensor:
     """``out[i] = sum_j rows[i, j] * values[j]`` for ``rows [m, N]`` and ``values [N, ...]``.
 
-    ``neighbours``: ``sparse_neighbours(rows)``, kept by the caller (None: the matrix product).
+    ``plan``: ``mixing_plan(rows, ...)``, kept by the caller (None: the matrix product).
     ``out``: a contiguous ``[m, ...]`` tensor to write into, not sharing memory with ``values``
     (reusing a dead buffer spares the page faults of a fresh one); otherwise a new tensor.
     """
@@ -309,20 +400,13 @@ def weighted_rows(rows: Tensor, values: Tensor, neighbours: Neighbours | None, o
     ):
         raise ValueError(f"out must be a contiguous {tuple(shape)} tensor apart from values, not {tuple(out.shape)}")
     out_rows = out.view(rows.shape[0], -1)
-    if neighbours is None:
+    if plan is None:
         torch.matmul(rows, flat, out=out_rows)
         return out
-    # Row views made once per call (unbind) rather than by indexing per term: 40% less Python
-    # overhead per call (137 -> 86 us for 16 agents' 3-term rows), 5-8% off a sum over 269k columns.
-    sources = flat.unbind(0)
-    for target, pairs in zip(out_rows.unbind(0), neighbours, strict=True):
-        if not pairs:
-            target.zero_()
-            continue
-        first, weight = pairs[0]
-        torch.mul(sources[first], weight, out=target)
-        for j, weight in pairs[1:]:
-            target.add_(sources[j], alpha=weight)
+    for start, stop in plan.zero_rows:
+        out_rows[start:stop].zero_()
+    for product in plan.products:
+        product.apply(out_rows, flat)
     return out
 
 
@@ -495,7 +579,7 @@ class WorkerGroup:
             msgs[:n] = plan.out_degree
         self.ledger.record(tag, sent, recv, msgs)
         everyone = self.comm.neighbor_exchange(t, self.blocks, plan.peer_ranks)
-        return weighted_rows(plan.local_rows, everyone, plan.neighbours, out=out)
+        return weighted_rows(plan.local_rows, everyone, plan.mixing, out=out)
 
     def _graph_plan(self, weights: Tensor, t: Tensor) -> _GraphPlan:
         """Degrees, peer ranks and this rank's rows of ``weights`` (for ``t``'s device and dtype), kept
@@ -526,7 +610,7 @@ class WorkerGroup:
             in_degree=edges.sum(dim=1).double().numpy(),
             peer_ranks=self._peer_ranks(edges),
             local_rows=local_rows,
-            neighbours=sparse_neighbours(local_rows),
+            mixing=mixing_plan(local_rows, t[0].numel() * t.element_size()),
         )
         return plan
 

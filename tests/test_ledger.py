@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pnnctl.network import NetworkModel
-from pnnctl.workers import Ledger, WorkerGroup, sparse_neighbours, weighted_rows
+from pnnctl.workers import Ledger, WorkerGroup, block_plan, mixing_plan, weighted_rows
 
 NETWORK = NetworkModel("test", latency_s=1e-3, bandwidth_bytes_per_s=1e6)
 WORKER_COUNTS = [1, 2, 3, 8]
@@ -214,35 +214,77 @@ def test_mix_over_a_graph_is_weights_times_values_and_costs_one_payload_per_edge
     assert_round(ledger, expected)
 
 
-@pytest.mark.parametrize("density", [0.0, 0.05, 0.2, 0.5, 1.0])  # up to a third non-zero row by row, above the product
-def test_weighted_rows_equals_the_matrix_product_at_every_density(density: float) -> None:
-    generator = torch.Generator().manual_seed(7)
-    rows = torch.rand(12, 40, generator=generator) * (torch.rand(12, 40, generator=generator) < density)
+def banded_and_scattered(name: str, generator: torch.Generator) -> torch.Tensor:
+    """Mixing matrices whose block products differ: bands with wrap-around, scattered entries, empty rows."""
+    if name == "ring-40":
+        return ring_weights(40)[0]
+    if name == "ring-rows-13-to-33":  # a rank's rows of a ring: two blocks, the second of 4 rows
+        return ring_weights(40)[0][13:33]
+    if name == "torus-8x8":  # i +- 1 and i +- 8: runs bridged over a gap and runs apart
+        adj = torch.zeros(64, 64)
+        for i in range(64):
+            r, c = divmod(i, 8)
+            for j in (r * 8 + (c + 1) % 8, ((r + 1) % 8) * 8 + c):
+                adj[i, j] = adj[j, i] = 1.0
+        return adj / 5 + torch.eye(64) / 5
+    density = float(name.split("-")[1])
+    rows = torch.rand(40, 40, generator=generator) * (torch.rand(40, 40, generator=generator) < density)
     rows[3] = 0.0  # a row with no neighbours gives zeros
-    values = torch.randn(40, 5, 3, generator=generator)
-    neighbours = sparse_neighbours(rows)
-    assert (neighbours is None) == (density >= 0.5)
-    out = weighted_rows(rows, values, neighbours)
-    assert out.shape == (12, 5, 3)
-    torch.testing.assert_close(out, (rows @ values.reshape(40, -1)).reshape(12, 5, 3))
-    assert not out[3].any()
+    rows[16:32] = 0.0  # a whole block without neighbours
+    return rows
+
+
+@pytest.mark.parametrize("name", ["ring-40", "ring-rows-13-to-33", "torus-8x8", "random-0.05", "random-0.2",
+                                  "random-1.0"])
+def test_block_products_equal_the_matrix_product(name: str) -> None:
+    generator = torch.Generator().manual_seed(7)
+    rows = banded_and_scattered(name, generator)
+    values = torch.randn(rows.shape[1], 5, 3, generator=generator)
+    plan = block_plan(rows)
+    out = weighted_rows(rows, values, plan)
+    assert out.shape == (rows.shape[0], 5, 3)
+    expected = (rows @ values.reshape(rows.shape[1], -1)).reshape(out.shape)
+    torch.testing.assert_close(out, expected)
     assert out.data_ptr() != values.data_ptr()
-    buffer = torch.full((12, 5, 3), float("nan"))  # a dead buffer: every element must be overwritten
-    written = weighted_rows(rows, values, neighbours, out=buffer)
+    buffer = torch.full(out.shape, float("nan"))  # a dead buffer: every element must be overwritten
+    written = weighted_rows(rows, values, plan, out=buffer)
     assert written.data_ptr() == buffer.data_ptr()
-    torch.testing.assert_close(written, out)
-    square = values[:12]
+    torch.testing.assert_close(written, expected)
+    # Each product reads its columns once and writes its rows once (reads them too where it adds).
+    assert plan.rows_moved == sum(
+        (p.columns[1] - p.columns[0]) + (p.rows[1] - p.rows[0]) * (2 if p.accumulate else 1) for p in plan.products
+    )
+    square = values[: rows.shape[0]]
     with pytest.raises(ValueError, match="out must be"):
         # writing into the values being read would corrupt them
-        weighted_rows(rows[:, :12], square, sparse_neighbours(rows[:, :12]), out=square)
+        weighted_rows(rows[:, : rows.shape[0]], square, block_plan(rows[:, : rows.shape[0]]), out=square)
 
 
-@pytest.mark.parametrize(("n", "complete", "row_by_row"), [(1, True, True), (3, True, True), (4, True, False),
-                                                          (4, False, True), (16, False, True), (64, False, True)])
-def test_small_graphs_and_rings_sum_row_by_row_on_the_cpu(n: int, complete: bool, row_by_row: bool) -> None:
-    # Up to 3 terms a row (every ring, a complete graph of 3, one agent) the row sums beat the product.
-    weights = torch.full((n, n), 1.0 / n) if complete else ring_weights(n)[0]
-    assert (sparse_neighbours(weights) is not None) == row_by_row
+def test_a_ring_is_one_band_product_per_block_and_its_wrap_around_one_term_each() -> None:
+    plan = block_plan(ring_weights(40)[0])  # blocks of rows 0-15, 16-31, 32-39
+    writes = [(p.rows, p.columns) for p in plan.products if not p.accumulate]
+    assert writes == [((0, 16), (0, 17)), ((16, 32), (15, 33)), ((32, 40), (31, 40))]
+    adds = [(p.rows, p.columns) for p in plan.products if p.accumulate]
+    assert adds == [((0, 1), (39, 40)), ((39, 40), (0, 1))]
+
+
+@pytest.mark.parametrize(("n", "graph", "blocked"), [(1, "ring", True), (4, "ring", False), (16, "ring", False),
+                                                     (64, "ring", True), (256, "ring", True),
+                                                     (256, "scattered", False)])
+def test_graphs_take_block_products_where_they_move_fewer_bytes(n: int, graph: str, blocked: bool) -> None:
+    # Rows of 269k floats (the 784-256-256-10 MLP). Up to 16 agents one product covers the matrix; a
+    # ring of 64 or 256 agents is a band; 8 neighbours scattered over 256 agents touch every block.
+    if graph == "ring":
+        weights = ring_weights(n)[0] if n > 1 else torch.ones(1, 1)
+    else:
+        generator = torch.Generator().manual_seed(0)
+        weights = torch.eye(n)
+        for i in range(n):
+            weights[i, torch.randperm(n, generator=generator)[:8]] = 1.0
+    plan = mixing_plan(weights, 269_322 * 4)
+    assert (plan is not None) == blocked
+    if n == 1:  # one agent keeps its own vector: a multiply, not a [1, 1] GEMM
+        assert [p.weights.shape for p in plan.products] == [(1, 1)]
 
 
 @pytest.mark.parametrize("n", [2, 3, 8])
