@@ -40,6 +40,8 @@ from pnnctl.io import atomic_write_text, folder_lock
 from pnnctl.network import NETWORK_PRESETS, NetworkModel
 
 GRID_KEYS = ("strategies", "workers", "seeds", "datasets", "name", "vary")
+#: seeds per cell a grid takes
+MAX_SEEDS = 10_000
 
 
 @dataclass(frozen=True)
@@ -63,7 +65,13 @@ class GridSpec:
             if key in ("strategies", "datasets"):
                 out[key] = [v.strip() for v in str(value).split(",") if v.strip()]
             elif key == "vary":
-                out[key] = dict(parse_vary(item) for item in value)
+                out[key] = {}
+                for item in value:
+                    vary_key, values = parse_vary(item)
+                    if vary_key in out[key]:  # the later one would replace the earlier silently
+                        raise UsageError("vary", f"{vary_key} is given twice; list its values once "
+                                                 f"({vary_key}=V1,V2,...)")
+                    out[key][vary_key] = values
             elif key == "workers":
                 try:
                     out[key] = [int(v) for v in str(value).split(",") if v.strip()]
@@ -97,8 +105,9 @@ class GridSpec:
                 raise UsageError(key, f"lists {repeated} more than once")
         if not spec.workers or any(not isinstance(w, int) or w < 1 for w in spec.workers):
             raise UsageError("workers", f"must be integers >= 1, not {list(spec.workers)}")
-        if not isinstance(spec.seeds, int) or spec.seeds < 1:
-            raise UsageError("seeds", f"must be an integer >= 1, not {spec.seeds!r}")
+        if not isinstance(spec.seeds, int) or isinstance(spec.seeds, bool) or not 1 <= spec.seeds <= MAX_SEEDS:
+            # (a grid lists its runs before running any: 10**9 seeds hung building the list)
+            raise UsageError("seeds", f"must be an integer from 1 to {MAX_SEEDS}, not {spec.seeds!r}")
         if not isinstance(spec.name, str) or not spec.name or "/" in spec.name or spec.name in (".", ".."):
             raise UsageError("name", f"must be a plain folder name, not {spec.name!r}")
         return spec
@@ -152,6 +161,13 @@ def _vary_items(vary: Any) -> tuple[tuple[str, tuple[Any, ...]], ...]:
         values = values if isinstance(values, list) else [values]
         if not values:
             raise UsageError("vary", f"{key} needs at least one value")
+        # 1 and 1.0 (or 2 and 2.00) spell two run folders of one training: two cells of the same runs.
+        repeated = next(((earlier, value) for index, value in enumerate(values) for earlier in values[:index]
+                         if earlier == value and isinstance(earlier, bool) == isinstance(value, bool)), None)
+        if repeated is not None:
+            first, second = (f"{key}={value}" for value in repeated)
+            raise UsageError("vary", f"lists {first} more than once" if first == second
+                             else f"lists {first} and {second}, the same value")
         items.append((str(key), tuple(values)))
     return tuple(items)
 

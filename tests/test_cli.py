@@ -110,6 +110,18 @@ BAD_INPUTS: list[Case] = [
      "error: workers: lists 2 more than once"),
     ("a --vary value twice", lambda t, m: ["compare", *GRID, "--vary", "local-sgd.local_steps=5,5"],
      "error: vary: lists local-sgd.local_steps=5 more than once"),
+    ("a --vary key twice",  # the second replaced the first silently
+     lambda t, m: ["compare", *GRID, "--vary", "local-sgd.local_steps=5", "--vary", "local-sgd.local_steps=10"],
+     "error: vary: local-sgd.local_steps is given twice"),
+    ("--vary values equal as numbers", lambda t, m: ["compare", *GRID, "--vary", "lr=1,1.0"],  # two cells, one run
+     "error: vary: lists lr=1 and lr=1.0, the same value"),
+    ("a [compare] seeds = true",  # read as 1 seed
+     lambda t, m: ["compare", *GRID, "--config", str(_write(t / "grid.toml", "[compare]\nseeds = true\n"))],
+     "error: seeds: must be an integer from 1 to 10000, not True"),
+    ("a billion seeds", lambda t, m: ["compare", *GRID, "--seeds", "1000000000"],  # hung listing the runs
+     "error: seeds: must be an integer from 1 to 10000, not 1000000000"),
+    ("train --dry-run of a run its strategy refuses",  # it printed the config as if the run would start
+     lambda t, m: ["train", *TINY, "--strategy", "psl", "--workers", "1000", "--dry-run"], "error: workers: psl"),
     # --vary over a field every cell sets itself labelled identical runs differently.
     ("a --vary over the worker count", lambda t, m: ["compare", *GRID, "--vary", "workers=2,4"],
      "error: vary: workers is an axis of the grid itself: list them with --workers"),
