@@ -307,15 +307,15 @@ def _column_runs(columns: list[int]) -> list[tuple[int, int]]:
     return [(start, stop) for start, stop in runs]
 
 
-def _seconds(multiply_adds: int, rows_moved: int, calls: int, row_bytes: int) -> float:
-    row_elements = row_bytes / 4
-    return (multiply_adds * row_elements / _MULTIPLY_ADDS_PER_S + rows_moved * row_bytes / _BYTES_PER_S
-            + calls * _SECONDS_PER_CALL)
+def _seconds(multiply_adds: int, rows_moved: int, calls: int, row_elements: int, element_bytes: int) -> float:
+    """The cost model's time of products doing ``multiply_adds`` per row element and moving ``rows_moved`` rows."""
+    return (multiply_adds * row_elements / _MULTIPLY_ADDS_PER_S
+            + rows_moved * row_elements * element_bytes / _BYTES_PER_S + calls * _SECONDS_PER_CALL)
 
 
-def mixing_plan(rows: Tensor, row_bytes: int) -> MixingPlan | None:
-    """How to apply ``rows [m, N]`` to values of ``row_bytes`` per row on the CPU, or None where one
-    matrix product over all N columns is expected to be faster.
+def mixing_plan(rows: Tensor, row_elements: int) -> MixingPlan | None:
+    """How to apply ``rows [m, N]`` to values of ``row_elements`` per row (of ``rows``' dtype) on the CPU,
+    or None where one matrix product over all N columns is expected to be faster.
 
     Each block of up to MIXING_BLOCK_ROWS rows is one GEMM over the run of columns that holds most of
     its weights (a ring's or torus's band), which writes the block, plus small products for the other
@@ -332,10 +332,11 @@ def mixing_plan(rows: Tensor, row_bytes: int) -> MixingPlan | None:
     if rows.device.type != "cpu":
         return None
     plan = block_plan(rows)
+    size = rows.element_size()
     blocked = _seconds(sum(p.weights.numel() for p in plan.products), plan.rows_moved,
-                       len(plan.products) + len(plan.zero_rows), row_bytes)
+                       len(plan.products) + len(plan.zero_rows), row_elements, size)
     m, n = rows.shape
-    if m * n > 1 and _seconds(m * n, m + n, 1, row_bytes) <= blocked:
+    if m * n > 1 and _seconds(m * n, m + n, 1, row_elements, size) <= blocked:
         return None
     return plan
 
@@ -610,7 +611,7 @@ class WorkerGroup:
             in_degree=edges.sum(dim=1).double().numpy(),
             peer_ranks=self._peer_ranks(edges),
             local_rows=local_rows,
-            mixing=mixing_plan(local_rows, t[0].numel() * t.element_size()),
+            mixing=mixing_plan(local_rows, t[0].numel()),
         )
         return plan
 
