@@ -211,7 +211,9 @@ def train(
     backend: BackendOpt = None,
     loss: LossOpt = None,
     fmt: Annotated[str, typer.Option("--format", help="table | json")] = "table",
-    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the resolved config and stop")] = False,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="check that the run would start, print its resolved config and stop")
+    ] = False,
 ) -> None:
     """Train one run into OUT/RUN_NAME/ (metrics.csv, summary.json, config.toml, env.json)."""
     from pnnctl.config import resolve_config, resumed_limits
@@ -230,7 +232,12 @@ def train(
         raise UsageError("format", f"must be table or json, not {fmt!r}")
     if dry_run:
         from pnnctl.config import config_to_dict, to_toml
+        from pnnctl.trainer import check_run
 
+        # A config the run would refuse is no plan (compare --dry-run checks its cells too); but a dry run
+        # must not fetch data, so with --download the data-dependent checks are left to the run.
+        if not cfg.download:
+            check_run(cfg)
         out_console.print(to_toml(config_to_dict(cfg)), highlight=False, end="")
         return
     from pnnctl.launch import run_training

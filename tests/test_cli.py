@@ -120,6 +120,8 @@ BAD_INPUTS: list[Case] = [
      "error: seeds: must be an integer from 1 to 10000, not True"),
     ("a billion seeds", lambda t, m: ["compare", *GRID, "--seeds", "1000000000"],  # hung listing the runs
      "error: seeds: must be an integer from 1 to 10000, not 1000000000"),
+    ("train --dry-run of a run its strategy refuses",  # it printed the config as if the run would start
+     lambda t, m: ["train", *TINY, "--strategy", "psl", "--workers", "1000", "--dry-run"], "error: workers: psl"),
     # --vary over a field every cell sets itself labelled identical runs differently.
     ("a --vary over the worker count", lambda t, m: ["compare", *GRID, "--vary", "workers=2,4"],
      "error: vary: workers is an axis of the grid itself: list them with --workers"),
