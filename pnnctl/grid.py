@@ -242,10 +242,8 @@ def cell_configs(layers: dict[str, Any], grid: GridSpec, folder: Path) -> list[R
                         except UsageError as exc:  # --nproc 4 beside --workers 2,8: say which cell
                             raise _in_cell(exc, run_name) from None
                 earlier = labels.setdefault(strategy, {}).get(label)
-                if earlier is not None:  # --vary values that spell one folder name
+                if earlier is not None:  # other --vary values that spell one folder name (equal ones: _vary_items)
                     spelled = [",".join(f"{key}={value}" for key, value in v.items()) for v in (earlier, variant)]
-                    if earlier == variant:
-                        raise UsageError("vary", f"lists {spelled[0]} more than once")
                     raise UsageError("vary", f"{spelled[0]} and {spelled[1]} would share the run folder "
                                              f"{configs[-1].run_name}")
                 labels[strategy][label] = variant

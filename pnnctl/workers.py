@@ -261,16 +261,17 @@ class _BlockProduct:
     columns: tuple[int, int]
     weights: Tensor
     accumulate: bool
+    #: the one weight of a [1, 1] block as a number, read once here rather than on every mix
+    scalar: float | None = None
 
     def apply(self, out_rows: Tensor, sources: Tensor) -> None:
         target = out_rows[self.rows[0] : self.rows[1]]
         source = sources[self.columns[0] : self.columns[1]]
-        if self.weights.numel() == 1:  # one term: a [1, 1] GEMM ran 2.7x slower than a multiply
-            weight = float(self.weights)
+        if self.scalar is not None:  # one term: a [1, 1] GEMM ran 2.7x slower than a multiply
             if self.accumulate:
-                target.add_(source, alpha=weight)
+                target.add_(source, alpha=self.scalar)
             else:
-                torch.mul(source, weight, out=target)
+                torch.mul(source, self.scalar, out=target)
         elif self.accumulate:
             target.addmm_(self.weights, source)
         else:
@@ -365,7 +366,9 @@ def block_plan(rows: Tensor) -> MixingPlan:
             else:
                 touched = block[:, a:b].any(1).nonzero().flatten()
                 r0, r1 = start + int(touched[0]), start + int(touched[-1]) + 1
-            products.append(_BlockProduct((r0, r1), (a, b), rows[r0:r1, a:b].contiguous(), accumulate=k != main))
+            weights = rows[r0:r1, a:b].contiguous()
+            scalar = float(weights) if weights.numel() == 1 else None
+            products.append(_BlockProduct((r0, r1), (a, b), weights, accumulate=k != main, scalar=scalar))
             moved += (b - a) + (r1 - r0) * (2 if k != main else 1)
     return MixingPlan(products, zero_rows, moved)
 
