@@ -969,7 +969,9 @@ class PSL(Strategy):
         payload[self.local_worker, self.local_slot, self.dim] = values
         gathered = group.gather(payload, tag="psl_grad", sizes=sizes)
         units = gathered[self.unit_worker.to(gathered.device), self.unit_slot.to(gathered.device)]
-        return units[:, self.dim], units[:, : self.dim]
+        # Contiguous like the one-process path's tensors: torch sums a strided column in another order,
+        # and the trust region's decisions would then drift a rounding apart from the simulation's.
+        return units[:, self.dim].contiguous(), units[:, : self.dim].contiguous()
 
     # -- one round --------------------------------------------------------------------------------
 

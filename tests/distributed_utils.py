@@ -46,13 +46,14 @@ def run_cli(args: list[str], timeout: float = 240, env: dict[str, str] | None = 
     )
 
 
-def train_via_cli(config: RunConfig, out: Path, name: str, nproc: int = 1, extra: list[str] | None = None) -> Path:
+def train_via_cli(config: RunConfig, out: Path, name: str, nproc: int = 1, extra: list[str] | None = None,
+                  env: dict[str, str] | None = None) -> Path:
     """Write ``config`` as TOML and train it through the CLI; returns the run folder."""
     config_file = out / f"{name}.toml"
     values = config_to_dict(config)
     values.update(out=str(out), run_name=name, nproc=nproc)
     config_file.write_text(to_toml(values))
-    result = run_cli(["train", "--config", str(config_file), *(extra or [])])
+    result = run_cli(["train", "--config", str(config_file), *(extra or [])], env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return out / name
 
@@ -98,9 +99,13 @@ def assert_states_match(simulated: dict, blocks: list[dict], n_workers: int, ato
 
 
 def assert_simulated_equals_distributed(config: RunConfig, tmp_path: Path, nproc: int = 2) -> pd.DataFrame:
-    """Train ``config`` simulated and on ``nproc`` gloo ranks; metrics and final states must agree."""
-    sim_dir = train_via_cli(config, tmp_path, "sim", nproc=1)
-    dist_dir = train_via_cli(config, tmp_path, "dist", nproc=nproc)
+    """Train ``config`` simulated and on ``nproc`` gloo ranks; metrics and final states must agree.
+
+    Both run one torch thread per process: kernels that split a reduction over threads sum in another
+    order at another thread count, which is not what this compares."""
+    one_thread = {"OMP_NUM_THREADS": "1"}
+    sim_dir = train_via_cli(config, tmp_path, "sim", nproc=1, env=one_thread)
+    dist_dir = train_via_cli(config, tmp_path, "dist", nproc=nproc, env=one_thread)
     sim_rows = pd.read_csv(sim_dir / "metrics.csv")
     dist_rows = pd.read_csv(dist_dir / "metrics.csv")
     assert len(sim_rows) == len(dist_rows) >= 2
