@@ -205,8 +205,10 @@ def _run_rank(config: RunConfig, *, resume: bool, progress: Any) -> Any:
     backend = choose_backend(config, device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    # On one machine the ranks share its cores; give each its share so they do not oversubscribe.
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, runtime.local_world_size)))
+    # On one machine the ranks share its cores; give each its share so they do not oversubscribe,
+    # unless OMP_NUM_THREADS says how many (torch has read it already; torchrun sets it to 1).
+    if not os.environ.get("OMP_NUM_THREADS"):
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, runtime.local_world_size)))
     if os.environ.get("MASTER_ADDR", "127.0.0.1") in ("127.0.0.1", "localhost"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=config.timeout_s))

@@ -63,6 +63,22 @@ def test_wire_bytes_equal_logical_bytes_with_one_worker_per_process(tmp_path: Pa
         assert (rows["wire_bytes_sent_max_rank"] == rows["bytes_sent_max_worker"]).all()
 
 
+def test_each_rank_takes_omp_num_threads_or_else_its_share_of_the_cores(tmp_path: Path) -> None:
+    import json
+
+    args = ["train", "--strategy", "allreduce", "--dataset", "digits", "--model", "mlp:64-16-10", "--workers", "2",
+            "--nproc", "2", "--epochs", "0.1"]
+    unset = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+    cores = os.cpu_count() or 1  # torch takes at most this many; told it, each rank takes all of them
+    for name, omp, expected in (("told", str(cores), cores), ("share", None, max(1, cores // 2))):
+        env = {**unset, "PYTHONUNBUFFERED": "1", **({"OMP_NUM_THREADS": omp} if omp else {})}
+        result = subprocess.run([sys.executable, "-m", "pnnctl", *args, "--out", str(tmp_path / name)],
+                                capture_output=True, text=True, timeout=240, env=env)
+        assert result.returncode == 0, result.stderr[-2000:]
+        written = json.loads((tmp_path / name / "allreduce-w2-s0" / "env.json").read_text())
+        assert written["torch_threads"] == expected, name
+
+
 def test_a_seconds_budget_stops_every_rank_on_the_same_round(tmp_path: Path) -> None:
     # Each rank used to add up its own compute seconds: at the budget one rank stopped a round before the
     # other, which waited in a collective until the timeout, and the run failed.
