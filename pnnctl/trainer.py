@@ -244,6 +244,28 @@ def check_resumable(saved: dict[str, Any], config: RunConfig, path: Path, world_
         )
 
 
+def _before_last_round(ckpt: Path, finished: dict[str, Any], comm: Comm) -> dict[str, Any] | None:
+    """The checkpoint a finished run kept from before its last round (``.prev.pt``), where every rank has it
+    at the same round; None for a run finished before such checkpoints were kept."""
+    path = ckpt.with_suffix(".prev.pt")
+    before = load_checkpoint(path) if path.exists() else None
+    usable = (before is not None and not before.get("finished")
+              and before["loop"]["round"] < finished["loop"]["round"])  # fmt: skip
+    round_here = int(before["loop"]["round"]) if usable and before is not None else -1
+    agreed = comm.min_int(round_here)
+    if agreed < 0 or comm.any_true(round_here != agreed):
+        return None
+    return before
+
+
+def _restore(saved: dict[str, Any], strategy: Strategy, comm: Comm) -> LoopState:
+    """Load a checkpoint's strategy, ledger and wire counter; returns its loop state."""
+    strategy.load_state_dict(saved["strategy"])
+    strategy.ctx.group.ledger.load_state_dict(saved["ledger"])
+    comm.wire_bytes_sent = float(saved.get("wire_bytes_sent", 0.0))
+    return LoopState(**saved["loop"])
+
+
 def _raise_on_every_rank(comm: Comm, problem: str) -> None:
     """Rank 0's usage error ("field: text"; none if empty) raised on every rank: one rank stopping alone would
     leave the others waiting for it in a collective."""
@@ -453,7 +475,8 @@ def run_summary(rows: list[dict[str, Any]], config: RunConfig) -> dict[str, Any]
 
 
 def _extension_note(before: Mapping[str, Any], stopped_at_epoch: float) -> str:
-    """What a finished run (its config ``before``) extended to larger limits keeps of the shorter run."""
+    """What a finished run (its config ``before``) extended to larger limits keeps of the shorter run, where
+    it kept no checkpoint from before its last round (runs finished before pnnctl kept one)."""
     budget = str(before.get("budget", "epochs"))
     limits = f"epochs={float(before.get('epochs', 0)):g}" + (f", budget {budget}" if budget != "epochs" else "")
     return (f"extended a finished run ({limits}; it stopped at epoch {stopped_at_epoch:.4g}): its rows up to there, "
@@ -615,11 +638,16 @@ def _train_holding(
         notes.append(f"nothing to resume in {run_dir} (no checkpoint): started a new run")
     if saved is not None:
         check_resumable(saved, config, ckpt, shared_comm.world_size)
-        strategy.load_state_dict(saved["strategy"])
-        ledger.load_state_dict(saved["ledger"])
-        state = LoopState(**saved["loop"])
-        shared_comm.wire_bytes_sent = float(saved.get("wire_bytes_sent", 0.0))
+        state = _restore(saved, strategy, shared_comm)
         reached = budget_reached_on_resume(saved["config"], config, _spent(state, ledger), len(y_train), run_dir)
+        # A finished run asked for more goes on from before its last round: that round was cut to the old
+        # limits and ended in an evaluation off the schedule, which a run started with the new limits has not.
+        before = _before_last_round(ckpt, saved, shared_comm) if saved.get("finished") and not reached else None
+        if before is not None:
+            notes.append(f"extended a finished run from round {before['loop']['round']}, before its last round, as "
+                         "a run started with these limits trains")
+            state, saved = _restore(before, strategy, shared_comm), before
+            save_checkpoint(ckpt, before)  # the finished one goes first: a kill from here resumes from this round
         torch.set_rng_state(saved["torch_rng"])
         if main:
             if repair_csv_tail(metrics_path):
@@ -718,8 +746,9 @@ def _train_holding(
         atomic_write_text(run_dir / "summary.json", json_text(full_summary(), indent=2) + "\n", fault="summary-write")
 
     def checkpoint(finished: bool = False) -> None:
-        if shared_comm.world_size > 1 and ckpt.exists():
-            # Ranks may die between their writes; keep the previous round so all can agree on one.
+        if (shared_comm.world_size > 1 or finished) and ckpt.exists():
+            # Ranks may die between their writes; keep the previous round so all can agree on one. A finished
+            # run keeps it too: extended with larger limits, it goes on from there (see _before_last_round).
             os.replace(ckpt, ckpt.with_suffix(".prev.pt"))
         save_checkpoint(
             ckpt,

@@ -201,6 +201,20 @@ def test_ranks_killed_early_resume_to_the_uninterrupted_metrics(point: str, tmp_
     assert single.returncode == 2 and "written by 2 processes, not 1" in single.stderr, single.stderr[-2000:]
 
 
+def test_a_finished_two_process_run_extended_equals_one_started_with_the_new_epochs(tmp_path: Path) -> None:
+    # Every rank goes on from its own checkpoint before the last round (checkpoint.rankR.prev.pt).
+    args = ["train", "--strategy", "local-sgd", "--dataset", "digits", "--model", "mlp:64-16-10", "--workers", "3",
+            "--nproc", "2", "--set", "local-sgd.local_steps=7", "--eval-every", "0.3"]
+    assert run_cli([*args, "--epochs", "0.5", "--out", str(tmp_path / "extended")]).returncode == 0
+    extended = run_cli([*args, "--epochs", "1", "--out", str(tmp_path / "extended"), "--resume"])
+    assert extended.returncode == 0, extended.stderr[-2000:]
+    assert "extended a finished run from round" in extended.stderr
+    assert run_cli([*args, "--epochs", "1", "--out", str(tmp_path / "fresh")]).returncode == 0
+    rows = [deterministic(pd.read_csv(tmp_path / name / "local-sgd-w3-s0" / "metrics.csv"))
+            for name in ("extended", "fresh")]
+    pd.testing.assert_frame_equal(*rows)
+
+
 def test_a_run_resumed_with_more_processes_than_wrote_it_is_refused_and_kept(tmp_path: Path) -> None:
     # Rank 1 found no checkpoint.rank1.pt, so the ranks agreed on "nothing to resume" and a new run overwrote
     # the old one's metrics, summary and checkpoint (exit 0, "started a new run").

@@ -218,10 +218,14 @@ def test_a_grid_rerun_with_more_epochs_extends_its_finished_cells(cli, tmp_path:
     longer = cli(*two_epochs)
     assert longer.code == 0, longer.err
     assert "already finished" not in longer.err
+    assert cli(*GRID, "--epochs", "2", "--out", tmp_path / "fresh", "--no-plots").code == 0
     for run in (tmp_path / "grid" / "runs").iterdir():
-        epochs = pd.read_csv(run / "metrics.csv")["epoch"]
-        assert epochs.iloc[-2] < 2.0 <= epochs.iloc[-1] and epochs.is_monotonic_increasing
+        rows = pd.read_csv(run / "metrics.csv")
+        assert rows["epoch"].iloc[-2] < 2.0 <= rows["epoch"].iloc[-1] and rows["epoch"].is_monotonic_increasing
         assert "epochs = 2.0" in (run / "config.toml").read_text()
+        # Extended from before its last round (cut to epoch 1), each cell trains what a fresh one does.
+        fresh = pd.read_csv(tmp_path / "fresh" / "grid" / "runs" / run.name / "metrics.csv")
+        pd.testing.assert_frame_equal(deterministic(rows), deterministic(fresh))
     again = cli(*two_epochs)
     assert again.code == 0 and again.err.count("already finished, skipped") == 2
 

@@ -690,25 +690,57 @@ def test_budget_notes_name_what_was_overshot_and_only_past_a_quarter() -> None:
     assert note.startswith("trained 1.3 epochs (1300 samples) where the budget allowed 1: the last round")
 
 
+def same_training(first: list[dict], second: list[dict]) -> bool:
+    """Two runs' metrics rows agree in everything but measured time and memory (and the run's name)."""
+    def kept(row: dict) -> dict:
+        return {k: "nan" if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()
+                if not is_timing_column(k) and k not in ("run_id", "peak_rss_bytes")}
+
+    return [kept(r) for r in first] == [kept(r) for r in second]
+
+
 def test_a_run_extended_on_resume_trains_what_a_fresh_run_of_the_new_budget_does(
     small_config, tmp_path: Path
 ) -> None:
-    # The resumed run's round is cut to what the new budget leaves (696 samples: 11 steps of 64), so it
-    # ends where the fresh run does; it used to run a whole 22-step round past the 704 already
-    # trained (2,112 samples).
+    # The shorter run's one round was cut to its budget (704 samples) and evaluated there; extended, the
+    # run goes on from before that round, so its rows and weights are the fresh run's. It used to keep the
+    # 704-sample row and round (rows at 0, 704, 1408), and before that to run a whole round past the budget.
     def config(budget: str, out: Path) -> RunConfig:
         return small_config(strategy="allreduce", workers=2, batch_size=32, epochs=5.0, budget=budget,
                             checkpoint_every=1000, out=str(out))  # fmt: skip
 
-    train(config("samples=700", tmp_path / "extended"))
+    short = train(config("samples=700", tmp_path / "extended"))
+    assert [int(r["samples_seen"]) for r in short.rows] == [0, 704]
     extended = train(config("samples=1400", tmp_path / "extended"), resume=True)
     fresh = train(config("samples=1400", tmp_path / "fresh"))
-    assert [int(r["samples_seen"]) for r in extended.rows] == [0, 704, 1408]
-    assert [n[:65] for n in extended.notes] == ["extended a finished run (epochs=5, budget samples=700; it stopped"]
-    assert int(fresh.rows[-1]["samples_seen"]) == 1408
-    assert extended.rows[-1]["test_acc"] == fresh.rows[-1]["test_acc"]
+    assert [int(r["samples_seen"]) for r in fresh.rows] == [0, 1408]
+    assert same_training(extended.rows, fresh.rows)
+    assert extended.notes == ["extended a finished run from round 0, before its last round, as a run started with "
+                              "these limits trains"]
+    assert "warnings" not in json.loads((extended.run_dir / "summary.json").read_text())
+    _, written = read_metrics(extended.run_dir / "metrics.csv")
+    assert [int(r["samples_seen"]) for r in written] == [0, 1408]
     weights = [load_checkpoint(run.run_dir / "checkpoint.pt")["strategy"]["model"] for run in (extended, fresh)]
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[1])
+
+
+def test_a_run_finished_without_a_checkpoint_before_its_last_round_extends_from_its_end(
+    small_config, tmp_path: Path
+) -> None:
+    # Runs finished by an older pnnctl kept no checkpoint.prev.pt: they go on from where they stopped,
+    # and say what that keeps of the shorter run.
+    def config(epochs: float) -> RunConfig:
+        return small_config(strategy="centralized", epochs=epochs, eval_every=0.3, checkpoint_every=1000,
+                            out=str(tmp_path))  # fmt: skip
+
+    first = train(config(0.5))
+    (first.run_dir / "checkpoint.prev.pt").unlink()
+    longer = train(config(1.0), resume=True)
+    assert [float(r["epoch"]) for r in longer.rows][:3] == [float(r["epoch"]) for r in first.rows]
+    (note,) = [n for n in longer.notes if n.startswith("extended a finished run")]
+    assert note.startswith(f"extended a finished run (epochs=0.5; it stopped at epoch "
+                           f"{float(first.rows[-1]['epoch']):.4g}): its rows up to there")
+    assert note in json.loads((first.run_dir / "summary.json").read_text())["warnings"]
 
 
 def test_resuming_a_run_that_is_not_there_says_it_started_a_new_one(small_config, tmp_path: Path) -> None:
@@ -722,18 +754,25 @@ def test_resuming_a_run_that_is_not_there_says_it_started_a_new_one(small_config
 
 
 def test_resuming_with_more_epochs_extends_the_run_and_its_config_file(small_config, tmp_path: Path) -> None:
-    first = train(small_config(strategy="centralized", epochs=1.0, checkpoint_every=1000, out=str(tmp_path)))
+    # Epoch 1 is off the 0.3-epoch schedule: the shorter run evaluated there because it ended there, and
+    # its last round was cut to it. The extended run has neither, as a run started with 2 epochs.
+    def config(epochs: float, out: Path) -> RunConfig:
+        return small_config(strategy="centralized", epochs=epochs, eval_every=0.3, checkpoint_every=2,
+                            out=str(out))  # fmt: skip
+
+    first = train(config(1.0, tmp_path))
     assert "epochs = 1.0" in (first.run_dir / "config.toml").read_text()
-    longer = train(small_config(strategy="centralized", epochs=2.0, checkpoint_every=1000, out=str(tmp_path)),
-                   resume=True)  # fmt: skip
-    assert float(first.rows[-1]["epoch"]) < 1.1 and 2.0 <= float(longer.rows[-1]["epoch"]) < 2.1
+    stopped_at = first.rows[-1]["epoch"]
+    assert stopped_at == pytest.approx(1.0, abs=0.03)
+    longer = train(config(2.0, tmp_path), resume=True)
+    fresh = train(config(2.0, tmp_path / "fresh"))
     assert "epochs = 2.0" in (first.run_dir / "config.toml").read_text()
-    # Its first rows, its last evaluation at epoch 1 among them, are the shorter run's: said, and kept with the run.
-    (note,) = [n for n in longer.notes if n.startswith("extended a finished run")]
-    assert note.startswith(f"extended a finished run (epochs=1; it stopped at epoch "
-                           f"{float(first.rows[-1]['epoch']):.4g}): its rows up to there")
-    assert note in json.loads((first.run_dir / "summary.json").read_text())["warnings"]
-    assert not [n for n in first.notes if n.startswith("extended")]
+    assert stopped_at not in [r["epoch"] for r in longer.rows]
+    assert same_training(longer.rows, fresh.rows)
+    _, written = read_metrics(first.run_dir / "metrics.csv")
+    assert [float(r["epoch"]) for r in written] == [r["epoch"] for r in fresh.rows]
+    assert [float(r["test_acc"]) for r in written] == [r["test_acc"] for r in fresh.rows]
+    assert "warnings" not in json.loads((first.run_dir / "summary.json").read_text())
 
 
 @pytest.mark.parametrize("finished", [True, False])
@@ -780,7 +819,8 @@ def test_resume_without_a_checkpoint_does_not_overwrite_another_run(small_config
     first = small_config(strategy="allreduce", workers=2, epochs=0.3, out=str(tmp_path), run_name="shared")
     train(first)
     run_dir = tmp_path / "shared"
-    (run_dir / "checkpoint.pt").unlink()  # say, the disk filled up before the first checkpoint
+    for kept in run_dir.glob("checkpoint*.pt"):  # say, the disk filled up before the first checkpoint
+        kept.unlink()
     before = {p: p.read_bytes() for p in run_dir.rglob("*") if p.is_file()}
     other = dataclasses.replace(first, strategy="local-sgd", workers=3)
     with pytest.raises(UsageError, match=r"no checkpoint to resume.*differs in .*strategy.*workers"):
