@@ -244,14 +244,14 @@ def check_resumable(saved: dict[str, Any], config: RunConfig, path: Path, world_
         )
 
 
-def _before_last_round(ckpt: Path, finished: dict[str, Any], comm: Comm) -> dict[str, Any] | None:
-    """The checkpoint a finished run kept from before its last round (``.prev.pt``), where every rank has it
-    at the same round; None for a run finished before such checkpoints were kept."""
-    path = ckpt.with_suffix(".prev.pt")
-    before = load_checkpoint(path) if path.exists() else None
-    usable = (before is not None and not before.get("finished")
-              and before["loop"]["round"] < finished["loop"]["round"])  # fmt: skip
-    round_here = int(before["loop"]["round"]) if usable and before is not None else -1
+def _before_last_round(
+    candidates: list[dict[str, Any]], finished: dict[str, Any], comm: Comm
+) -> dict[str, Any] | None:
+    """Of this rank's checkpoints (``_agreed_checkpoint``'s candidates), the one a finished run kept from before
+    its last round, where every rank has it at the same round; None for a run finished before pnnctl kept one."""
+    before = next((c for c in candidates if not c.get("finished") and c["loop"]["round"] < finished["loop"]["round"]),
+                  None)  # fmt: skip
+    round_here = -1 if before is None else int(before["loop"]["round"])
     agreed = comm.min_int(round_here)
     if agreed < 0 or comm.any_true(round_here != agreed):
         return None
@@ -301,8 +301,9 @@ def _prepare_run_dir(run_dir: Path, resume: bool, config: RunConfig, held: conte
         stale.unlink(missing_ok=True)
 
 
-def _agreed_checkpoint(ckpt: Path, comm: Comm) -> dict[str, Any] | None:
-    """This rank's checkpoint at the newest round every rank has (None: start afresh)."""
+def _agreed_checkpoint(ckpt: Path, comm: Comm) -> tuple[dict[str, Any] | None, list[dict[str, Any]]]:
+    """This rank's checkpoint at the newest round every rank has (None: start afresh), and every checkpoint
+    of this rank's that was read (``ckpt`` and its predecessor)."""
     candidates = [load_checkpoint(p) for p in (ckpt, ckpt.with_suffix(".prev.pt")) if p.exists()]
     newest = max((c["loop"]["round"] for c in candidates), default=-1)
     agreed = comm.min_int(newest)
@@ -315,10 +316,10 @@ def _agreed_checkpoint(ckpt: Path, comm: Comm) -> dict[str, Any] | None:
             if written_by != comm.world_size:
                 problem = str(_written_by_other_processes(ckpt, written_by, comm.world_size))
             _raise_on_every_rank(comm, problem or f"resume: some processes' checkpoints beside {ckpt} are missing")
-        return None
+        return None, candidates
     for candidate in candidates:
         if candidate["loop"]["round"] == agreed:
-            return candidate
+            return candidate, candidates
     raise UsageError("resume", f"{ckpt} and its predecessor do not hold round {agreed}, which every rank has")
 
 
@@ -633,7 +634,7 @@ def _train_holding(
     notes: list[str] = []
     extended: list[str] = []  # the note on a finished run given larger limits
     ckpt = checkpoint_path(run_dir, runtime.rank)
-    saved = _agreed_checkpoint(ckpt, shared_comm) if resume else None
+    saved, kept = _agreed_checkpoint(ckpt, shared_comm) if resume else (None, [])
     if resume and saved is None:  # a mistyped --run-name would otherwise start a new run without a word
         notes.append(f"nothing to resume in {run_dir} (no checkpoint): started a new run")
     if saved is not None:
@@ -642,7 +643,7 @@ def _train_holding(
         reached = budget_reached_on_resume(saved["config"], config, _spent(state, ledger), len(y_train), run_dir)
         # A finished run asked for more goes on from before its last round: that round was cut to the old
         # limits and ended in an evaluation off the schedule, which a run started with the new limits has not.
-        before = _before_last_round(ckpt, saved, shared_comm) if saved.get("finished") and not reached else None
+        before = _before_last_round(kept, saved, shared_comm) if saved.get("finished") and not reached else None
         if before is not None:
             notes.append(f"extended a finished run from round {before['loop']['round']}, before its last round, as "
                          "a run started with these limits trains")
