@@ -367,8 +367,9 @@ class IndependentSubnetTraining(Strategy):
         self.subnet = self.build_subnet(group.n_local)
         self.subnet.to(ctx.device)
         self._grad_masks = self._padding_masks() if self.uneven else []
-        # Built here, not each round: the first optimizer a process builds imports torch._dynamo (1.5 s on
-        # this CPU), which landed in the first round's compute time. Rounds start from empty state.
+        # Built once, not each round (rounds start from empty state): a torch.optim optimizer, where the
+        # fused kernels do not run, imports torch._dynamo when first built (1.5 s), which must not land
+        # in the first round's compute time.
         self.optimizer = make_optimizer(
             config.optimizer, self.subnet.parameters(), config.lr, config.momentum, config.weight_decay
         )

@@ -153,6 +153,7 @@ from pnnctl.models import (
     rebuild,
     register_model_family,
 )
+from pnnctl.optimizers import Optimizer
 from pnnctl.runtime import device_memory_bytes
 from pnnctl.training import ShardSampler, make_optimizer
 from strategies import register
@@ -872,7 +873,7 @@ class PSL(Strategy):
         all_index = torch.arange(len(ctx.y_train), device=device)
         self.sampler = ShardSampler(ctx.x_train, ctx.y_train, [all_index], [0], config.batch_size, config.seed)
         self.qn: PartitionedLBFGS | None = None
-        self.optimizer: torch.optim.Optimizer | None = None
+        self.optimizer: Optimizer | None = None
         if options.optimizer == "config":
             self.optimizer = make_optimizer(config.optimizer, [self.x], config.lr, config.momentum, config.weight_decay)
         else:

@@ -128,6 +128,7 @@ from pnnctl.models import (
     parse_model_spec,
     worker_memory_bytes,
 )
+from pnnctl.optimizers import Optimizer
 from pnnctl.training import evaluate, make_optimizer, stream_seed
 from strategies import register
 from strategies.base import Footprint, RoundResult, Strategy, StrategyContext
@@ -410,7 +411,7 @@ class SIL(Strategy):
             raise UsageError("epochs", msg)
         return apart, recovery
 
-    def _make_optimizer(self, k: int, lr: float) -> torch.optim.Optimizer:
+    def _make_optimizer(self, k: int, lr: float) -> Optimizer:
         config = self.ctx.config
         return make_optimizer(config.optimizer, self.parts[k].parameters(), lr, config.momentum, config.weight_decay)
 
