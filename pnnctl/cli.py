@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 import shlex
 import signal
@@ -218,6 +219,9 @@ def train(
     """Train one run into OUT/RUN_NAME/ (metrics.csv, summary.json, config.toml, env.json)."""
     from pnnctl.config import resolve_config, resumed_limits
 
+    if not dry_run:
+        _start_local_ranks_server(nproc)
+
     flags = _flags(
         strategy=strategy, dataset=dataset, model=model, workers=workers, epochs=epochs,
         batch_size=batch_size, lr=lr, optimizer=optimizer, seed=seed, device=device, precision=precision,
@@ -252,6 +256,17 @@ def train(
     else:
         _print_run(result.summary)
     _exit_for_status(result.status, result.summary)
+
+
+def _start_local_ranks_server(nproc: int | None) -> None:
+    """With ``--nproc P > 1``, start the server the local ranks fork from now, before this process
+    imports torch (resolving the config does), so that the two imports overlap (pnnctl.rankserver).
+    An nproc set in a config file or by --set starts it only when the ranks start: merging those
+    layers already imports torch (the strategies' names tell a --set section from a field)."""
+    if nproc is not None and nproc > 1 and "RANK" not in os.environ:
+        from pnnctl.rankserver import start_rank_server
+
+        start_rank_server()
 
 
 def _print_run(summary: dict[str, Any]) -> None:

@@ -19,7 +19,7 @@ broadcasts and scatters cost no wire bytes; gathers to it are all-gathers. Metri
 traffic (loss and accuracy bookkeeping) is counted apart, in ``bookkeeping_bytes``.
 
 Faults: every collective has the ``timeout_s`` deadline, so a dead or hung rank makes the others
-fail within it; ``--nproc`` runs (torch.multiprocessing.spawn) then end the remaining ranks, print
+fail within it; ``--nproc`` runs (torch.multiprocessing, forkserver) then end the remaining ranks, print
 which rank failed and exit non-zero. Every rank checkpoints its own block each round (keeping the
 previous one), and ``--resume`` restarts from the newest round that every rank has.
 """
@@ -42,6 +42,7 @@ from torch import Tensor
 
 from pnnctl.config import RunConfig
 from pnnctl.errors import RankFailed, UsageError
+from pnnctl.rankserver import reset_rank_signals, start_rank_server
 from pnnctl.runtime import detect_runtime, resolve_device
 
 
@@ -206,9 +207,11 @@ def _run_rank(config: RunConfig, *, resume: bool, progress: Any) -> Any:
     if device.type == "cuda":
         torch.cuda.set_device(device)
     # On one machine the ranks share its cores; give each its share so they do not oversubscribe,
-    # unless OMP_NUM_THREADS says how many (torch has read it already; torchrun sets it to 1).
-    if not os.environ.get("OMP_NUM_THREADS"):
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, runtime.local_world_size)))
+    # unless OMP_NUM_THREADS says how many (torchrun sets it to 1). It is applied here rather than left
+    # to torch's import, which in a forkserver rank read the server's environment.
+    threads = os.environ.get("OMP_NUM_THREADS", "")
+    per_rank = max(1, (os.cpu_count() or 1) // max(1, runtime.local_world_size))
+    torch.set_num_threads(int(threads) if threads.isdigit() and int(threads) > 0 else per_rank)
     if os.environ.get("MASTER_ADDR", "127.0.0.1") in ("127.0.0.1", "localhost"):
         os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
     dist.init_process_group(backend, timeout=datetime.timedelta(seconds=config.timeout_s))
@@ -226,8 +229,15 @@ def _run_rank(config: RunConfig, *, resume: bool, progress: Any) -> Any:
     return result if runtime.is_main else None
 
 
-def _child(local_rank: int, config: RunConfig, resume: bool, port: int, report_dir: str, progress: Any) -> None:
-    """One spawned rank: torchrun's environment, then the same path as under torchrun."""
+def _child(
+    local_rank: int, config: RunConfig, resume: bool, port: int, report_dir: str, progress: Any, environ: dict[str, str]
+) -> None:
+    """One started rank: the parent's environment and torchrun's variables, then the same path as under torchrun."""
+    # A forkserver child inherits the environment the server started with, which may be older than
+    # the parent's (a compare grid or an embedding process can change it between runs).
+    reset_rank_signals()
+    os.environ.clear()
+    os.environ.update(environ)
     os.environ.update(
         RANK=str(local_rank),
         LOCAL_RANK=str(local_rank),
@@ -257,8 +267,9 @@ def _spawn_local(config: RunConfig, *, resume: bool, progress: Any) -> Any:
     logging.getLogger("torch.multiprocessing.spawn").setLevel(logging.ERROR)
     port = free_port()
     with tempfile.TemporaryDirectory(prefix="pnnctl-ranks-") as report_dir:
-        context = mp.spawn(
-            _child, args=(config, resume, port, report_dir, progress), nprocs=config.nproc, join=False
+        context = mp.start_processes(
+            _child, args=(config, resume, port, report_dir, progress, dict(os.environ)), nprocs=config.nproc,
+            join=False, start_method=start_rank_server(),
         )
         # The ranks stop after the round they agree on. A signal sent to this parent alone (kill -INT PID,
         # a scheduler's SIGTERM) is passed on to them; one sent to the whole process group (Ctrl-C)

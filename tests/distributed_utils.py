@@ -53,7 +53,9 @@ def train_via_cli(config: RunConfig, out: Path, name: str, nproc: int = 1, extra
     values = config_to_dict(config)
     values.update(out=str(out), run_name=name, nproc=nproc)
     config_file.write_text(to_toml(values))
-    result = run_cli(["train", "--config", str(config_file), *(extra or [])], env=env)
+    # --nproc on the command line as well, as a user types it: the ranks' server then starts early.
+    ranks = ["--nproc", str(nproc)] if nproc > 1 else []
+    result = run_cli(["train", "--config", str(config_file), *ranks, *(extra or [])], env=env)
     assert result.returncode == 0, result.stderr[-3000:]
     return out / name
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import signal
 import subprocess
@@ -79,6 +80,20 @@ def test_each_rank_takes_omp_num_threads_or_else_its_share_of_the_cores(tmp_path
         assert written["torch_threads"] == expected, name
 
 
+def test_a_runs_ranks_see_the_environment_it_starts_with(tmp_path: Path, monkeypatch, small_config) -> None:
+    # Ranks fork from a server that outlives one run (every --nproc cell of a grid, a notebook's runs):
+    # they read the environment as it is when their run starts, not as it was when the server started.
+    from pnnctl.errors import RankFailed
+    from pnnctl.launch import run_training
+
+    config = functools.partial(small_config, strategy="allreduce", workers=2, nproc=2, epochs=1.0, timeout_s=30)
+    monkeypatch.delenv("PNNCTL_FAULT", raising=False)
+    assert run_training(config(out=str(tmp_path / "plain"))).status == "finished"
+    monkeypatch.setenv("PNNCTL_FAULT", "round:1")
+    with pytest.raises(RankFailed, match="signal SIGKILL"):
+        run_training(config(out=str(tmp_path / "faulty")))
+
+
 def test_a_seconds_budget_stops_every_rank_on_the_same_round(tmp_path: Path) -> None:
     # Each rank used to add up its own compute seconds: at the budget one rank stopped a round before the
     # other, which waited in a collective until the timeout, and the run failed.
@@ -107,9 +122,9 @@ def test_an_nproc_run_prints_its_warnings_as_a_run_in_one_process_does(tmp_path:
                         "of local-sgd took 0.0145 MB (each round is one exchange, whatever its steps)"]  # fmt: skip
 
 
-def _spawned_ranks(parent: int) -> list[int]:
-    """Child processes of ``parent`` that are torch.multiprocessing spawn workers (the ranks)."""
-    ranks = []
+def _children(parent: int) -> list[tuple[int, str]]:
+    """``(pid, command line)`` of the live child processes of ``parent``."""
+    children = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -118,10 +133,15 @@ def _spawned_ranks(parent: int) -> list[int]:
             cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
         except OSError:
             continue
-        ppid = int(stat.rsplit(")", 1)[1].split()[1])
-        if ppid == parent and "spawn_main" in cmdline:
-            ranks.append(int(entry.name))
-    return sorted(ranks)
+        if int(stat.rsplit(")", 1)[1].split()[1]) == parent:
+            children.append((int(entry.name), cmdline))
+    return children
+
+
+def _started_ranks(parent: int) -> list[int]:
+    """The ranks of the ``--nproc`` run in process ``parent``: the children of its forkserver."""
+    servers = [pid for pid, cmdline in _children(parent) if "forkserver" in cmdline]
+    return sorted(pid for server in servers for pid, _ in _children(server))
 
 
 def _alive(pid: int) -> bool:
@@ -145,7 +165,7 @@ def test_failed_rank_ends_run_within_timeout_and_resume_finishes(fault: str, tmp
         assert proc.poll() is None, proc.communicate()[1]
         assert time.time() < deadline
         time.sleep(0.1)
-    ranks = _spawned_ranks(proc.pid)
+    ranks = _started_ranks(proc.pid)
     assert len(ranks) == 2
     victim = ranks[-1]
     os.kill(victim, signal.SIGKILL if fault == "kill" else signal.SIGSTOP)
