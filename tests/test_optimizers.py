@@ -24,14 +24,18 @@ def torch_optimizer(kind: str, params: list[torch.Tensor], lr: float, momentum: 
     return cls(params, lr=lr, weight_decay=weight_decay, fused=True)
 
 
-def twin_params(seed: int = 0) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+#: The CUDA kernels are other code than the CPU ones: compared where a GPU is present, skipped elsewhere.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA"))]
+
+
+def twin_params(seed: int = 0, device: str = "cpu") -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     generator = torch.Generator().manual_seed(seed)
-    first = [torch.randn(shape, generator=generator).requires_grad_() for shape in ((6, 4), (9,))]
+    first = [torch.randn(shape, generator=generator).to(device).requires_grad_() for shape in ((6, 4), (9,))]
     return first, [p.detach().clone().requires_grad_() for p in first]
 
 
 def step_both(optimizers: list, params: list[list[torch.Tensor]], generator: torch.Generator) -> None:
-    grads = [torch.randn(p.shape, generator=generator) for p in params[0]]
+    grads = [torch.randn(p.shape, generator=generator).to(p.device) for p in params[0]]
     for optimizer, group in zip(optimizers, params, strict=True):
         optimizer.zero_grad(set_to_none=True)
         for p, g in zip(group, grads, strict=True):
@@ -58,9 +62,12 @@ def assert_same_state(ours: dict, theirs: dict) -> None:
             assert ours["state"][index][key].dtype == value.dtype
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize(("kind", "lr", "momentum", "weight_decay"), SETTINGS)
-def test_steps_and_state_equal_torch_optims_fused_optimizer_bit_for_bit(kind, lr, momentum, weight_decay) -> None:
-    theirs_params, ours_params = twin_params()
+def test_steps_and_state_equal_torch_optims_fused_optimizer_bit_for_bit(
+    kind, lr, momentum, weight_decay, device
+) -> None:
+    theirs_params, ours_params = twin_params(device=device)
     theirs = torch_optimizer(kind, theirs_params, lr, momentum, weight_decay)
     ours = FusedOptimizer(kind, ours_params, lr, momentum, weight_decay)
     steps_stay_equal([theirs, ours], [theirs_params, ours_params], torch.Generator().manual_seed(1), 5)
