@@ -1,4 +1,4 @@
-"""Where ``--nproc`` ranks start from: a forkserver that has imported torch and pnnctl once.
+"""Where ``--nproc`` ranks start from: a forkserver that has imported torch once.
 
 Spawning a rank starts a fresh interpreter that imports torch (about 3 s of CPU on a 2-core VM,
 where a 2-process run of a small model takes ~7 s in all); fork would be instant but would copy
@@ -33,6 +33,7 @@ def start_rank_server() -> str:
     # The server reports each rank's exit code; a SIGTERM sent to the run's process group (a scheduler
     # stopping the job) must reach the ranks, not end the server first and lose those codes (every
     # rank would read as failed with 255). It starts ignoring SIGTERM; each rank restores the default.
+    # (Only the main thread may change a handler; started from another, the server keeps the default.)
     if threading.current_thread() is not threading.main_thread():
         forkserver.ensure_running()
         return "forkserver"
