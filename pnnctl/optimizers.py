@@ -72,11 +72,9 @@ class FusedOptimizer:
                 continue
             if any(p.grad.is_sparse for p in params):
                 raise RuntimeError("the fused optimizers take dense gradients only")
-            for (_device, _dtype), members in _by_device_and_dtype(params).items():
-                if self.kind == "sgd":
-                    self._sgd(group, members)
-                else:
-                    self._adam(group, members)
+            update = self._sgd if self.kind == "sgd" else self._adam
+            for members in _by_device_and_dtype(params).values():
+                update(group, members)
 
     def _sgd(self, group: dict[str, Any], params: list[Tensor]) -> None:
         momentum = group["momentum"]

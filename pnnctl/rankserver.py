@@ -34,14 +34,13 @@ def start_rank_server() -> str:
     # stopping the job) must reach the ranks, not end the server first and lose those codes (every
     # rank would read as failed with 255). It starts ignoring SIGTERM; each rank restores the default.
     # (Only the main thread may change a handler; started from another, the server keeps the default.)
-    if threading.current_thread() is not threading.main_thread():
-        forkserver.ensure_running()
-        return "forkserver"
-    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    on_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN) if on_main_thread else None
     try:
         forkserver.ensure_running()
     finally:
-        signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
     return "forkserver"
 
 
