@@ -4,8 +4,8 @@ share of time spent in the worker group's collectives and ledger (goal < 5% in s
 The share is ``collective_s / compute_s`` from the metrics. A second column splits out the part of it
 spent in graph mixing's neighbour-weighted sums (``pnnctl.workers.weighted_rows``, timed here by a
 wrapper): arithmetic a real agent does on the vectors it received, as opposed to moving data and
-keeping the ledger. A third gives the sums' rate in GB/s, counting the fewest bytes their products must
-move (each product's source rows read once, its output rows written once), and its ratio to a streaming
+keeping the ledger. A third gives the sums' rate in GB/s, counting the fewest bytes they must move (each
+source row a product uses read once, each output row written once), and its ratio to a streaming
 ``c = a + 0.5 b`` over the same working set measured right after the cell: near 1x the sums are
 memory-bound, and only moving fewer bytes (not faster arithmetic) would shrink them.
 
@@ -25,7 +25,6 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -42,8 +41,8 @@ from strategies import STRATEGIES
 
 class TimedNeighbourSums:
     """Wraps ``pnnctl.workers.weighted_rows`` (looked up at call time by WorkerGroup.mix) to add up its
-    seconds and the fewest bytes its products must move: each block product's source rows read once and
-    its output rows written once (read too where it adds); one matrix product: every row read once."""
+    seconds and the fewest bytes they must move: each source row the product uses read once (a sparse
+    product: the columns holding weights; a dense one: all) and each output row written once."""
 
     def __init__(self) -> None:
         self.inner = pnnctl.workers.weighted_rows
@@ -56,16 +55,18 @@ class TimedNeighbourSums:
         self.largest: torch.Tensor | None = None  # the biggest mixed state's shape (meta), for the reference
 
     def __call__(
-        self, rows: torch.Tensor, values: torch.Tensor, plan: Any, out: torch.Tensor | None = None
+        self, rows: torch.Tensor, values: torch.Tensor, sparse_rows: torch.Tensor | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         wait_for_gpu()
         start = time.perf_counter()
         try:
-            return self.inner(rows, values, plan, out=out)
+            return self.inner(rows, values, sparse_rows, out=out)
         finally:
             wait_for_gpu()
             self.seconds += time.perf_counter() - start
-            moved = values.shape[0] + rows.shape[0] if plan is None else plan.rows_moved
+            sources = values.shape[0] if sparse_rows is None else sparse_rows.col_indices().unique().numel()
+            moved = sources + rows.shape[0]
             self.bytes += moved * values[0].numel() * values.element_size()
             if self.largest is None or values.numel() > self.largest.numel():
                 self.largest = torch.empty_like(values, device="meta")

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
@@ -253,124 +254,41 @@ def block_sizes(n_workers: int, world_size: int) -> list[int]:
     return [base + (1 if r < extra else 0) for r in range(world_size)]
 
 
-@dataclass(frozen=True)
-class _BlockProduct:
-    """``out[rows] (=|+=) weights @ values[columns]``: one block of a graph's mixing matrix."""
-
-    rows: tuple[int, int]
-    columns: tuple[int, int]
-    weights: Tensor
-    accumulate: bool
-    #: the one weight of a [1, 1] block as a number, read once here rather than on every mix
-    scalar: float | None = None
-
-    def apply(self, out_rows: Tensor, sources: Tensor) -> None:
-        target = out_rows[self.rows[0] : self.rows[1]]
-        source = sources[self.columns[0] : self.columns[1]]
-        if self.scalar is not None:  # one term: a [1, 1] GEMM ran 2.7x slower than a multiply
-            if self.accumulate:
-                target.add_(source, alpha=self.scalar)
-            else:
-                torch.mul(source, self.scalar, out=target)
-        elif self.accumulate:
-            target.addmm_(self.weights, source)
-        else:
-            torch.mm(self.weights, source, out=target)
+#: A graph mixes by a sparse (CSR) product only with at most this many terms per row on average:
+#: beyond it each output row's sources scatter over more memory than the caches hold and a term
+#: costs ~3x more (a 2-core EPYC VM, rows of 269k floats, 256 agents: 41-73 us a term at up to 14
+#: terms per row, 100-120 us at 27-39).
+SPARSE_MAX_TERMS_PER_ROW = 16
+#: ... and at most this density: a small, dense graph is cheaper as one GEMM than as separate terms.
+SPARSE_MAX_DENSITY = 0.4
 
 
-@dataclass(frozen=True)
-class MixingPlan:
-    """A sparse mixing matrix as products of blocks of rows with contiguous runs of columns (``mixing_plan``)."""
+def sparse_mixing(weights: Tensor, local_rows: Tensor) -> Tensor | None:
+    """``local_rows`` (this process's rows of the mixing matrix ``weights [N, N]``, on the device and
+    in the dtype of the values they will mix) as a CSR tensor where the neighbour sums are faster as a
+    sparse product, or None where one dense matrix product is.
 
-    products: list[_BlockProduct]
-    zero_rows: list[tuple[int, int]]
-    #: source and output rows the products read and write (accumulating ones read their output too)
-    rows_moved: int
+    A sparse product reads each output row's neighbours and writes the row once. On a 2-core EPYC
+    VM with rows of 269k floats, in one run (dense product / the block products pnnctl used before,
+    dense or banded GEMMs over runs of rows / sparse; ms): ring N = 16 2.9 / 2.7 / 1.6; ring N = 64
+    37.3 / 13.0 / 6.7; ring N = 256 501 / 61.5 / 27.1; torus 16 x 16 489 / 234 / 52.7; Erdős–Rényi(0.05)
+    N = 256, 14 terms per row, 486 / 633 / 166; but Erdős–Rényi(0.1) N = 256, 26 per row, 523 / 1059 /
+    701 and a complete graph of 16 2.6 / 2.7 / 6.2: hence the two limits above.
 
-
-#: rows of the mixing matrix per block product
-MIXING_BLOCK_ROWS = 16
-#: zero-weight columns a block's run may span rather than start another product
-MIXING_MAX_GAP = 2
-#: a CPU's rough rates, to choose between the block products and one matrix product: only their
-#: ratios matter (a 2-core Xeon VM: 100 G multiply-adds/s in these thin GEMMs, 20 GB/s, 5 us a call)
-_MULTIPLY_ADDS_PER_S, _BYTES_PER_S, _SECONDS_PER_CALL = 100e9, 20e9, 5e-6
-
-
-def _column_runs(columns: list[int]) -> list[tuple[int, int]]:
-    """Sorted column indices as ``[start, stop)`` runs, bridging gaps of up to MIXING_MAX_GAP columns."""
-    runs = [[columns[0], columns[0] + 1]]
-    for column in columns[1:]:
-        if column - runs[-1][1] <= MIXING_MAX_GAP:
-            runs[-1][1] = column + 1
-        else:
-            runs.append([column, column + 1])
-    return [(start, stop) for start, stop in runs]
-
-
-def _seconds(multiply_adds: int, rows_moved: int, calls: int, row_elements: int, element_bytes: int) -> float:
-    """The cost model's time of products doing ``multiply_adds`` per row element and moving ``rows_moved`` rows."""
-    return (multiply_adds * row_elements / _MULTIPLY_ADDS_PER_S
-            + rows_moved * row_elements * element_bytes / _BYTES_PER_S + calls * _SECONDS_PER_CALL)
-
-
-def mixing_plan(rows: Tensor, row_elements: int) -> MixingPlan | None:
-    """How to apply ``rows [m, N]`` to values of ``row_elements`` per row (of ``rows``' dtype) on the CPU,
-    or None where one matrix product over all N columns is expected to be faster.
-
-    Each block of up to MIXING_BLOCK_ROWS rows is one GEMM over the run of columns that holds most of
-    its weights (a ring's or torus's band), which writes the block, plus small products for the other
-    runs (a ring's wrap-around), added to the rows they touch. A GEMM reads each source row once per
-    block and writes each output row once; the row-by-row sums these replace (multiply, then add one
-    neighbour at a time) read and wrote every output row once per neighbour. On a 2-core Xeon VM with
-    rows of 269k floats (row by row / block products / one product, ms): ring N = 64 30.0 / 11.0 / 25.5,
-    N = 256 123 / 38.4 / 264; torus 16 x 16 124 / 101 / 162; up to N = 16 one product (1.4 ms for a
-    ring, 3.9 row by row); Erdős–Rényi(0.05) at N = 256, whose neighbours scatter over every block,
-    339 / 293 / 143. The plan is taken where a cost model of multiply-adds, bytes and calls says so.
-
-    None on a GPU (one product beats many small kernels).
+    The choice looks at the whole graph, not this process's rows, so that every rank of a distributed
+    run and the simulation sum the same way: a sparse product's rows come out bit for bit the same
+    whichever rows it is given. None on a GPU (one product beats many small kernels) and for dtypes
+    the CPU's sparse product does not take.
     """
-    if rows.device.type != "cpu":
+    if local_rows.device.type != "cpu" or local_rows.dtype not in (torch.float32, torch.float64):
         return None
-    plan = block_plan(rows)
-    size = rows.element_size()
-    blocked = _seconds(sum(p.weights.numel() for p in plan.products), plan.rows_moved,
-                       len(plan.products) + len(plan.zero_rows), row_elements, size)
-    m, n = rows.shape
-    if m * n > 1 and _seconds(m * n, m + n, 1, row_elements, size) <= blocked:
+    n = weights.shape[0]
+    terms = int(torch.count_nonzero(weights))
+    if n < 2 or terms > n * min(SPARSE_MAX_TERMS_PER_ROW, SPARSE_MAX_DENSITY * n):
         return None
-    return plan
-
-
-def block_plan(rows: Tensor) -> MixingPlan:
-    """``rows [m, N]`` as block products (``mixing_plan`` says when to use them)."""
-    nonzero = rows != 0
-    m = rows.shape[0]
-    products: list[_BlockProduct] = []
-    zero_rows: list[tuple[int, int]] = []
-    moved = 0
-    for start in range(0, m, MIXING_BLOCK_ROWS):
-        stop = min(m, start + MIXING_BLOCK_ROWS)
-        block = nonzero[start:stop]
-        columns = block.any(0).nonzero().flatten().tolist()
-        if not columns:
-            zero_rows.append((start, stop))
-            continue
-        runs = _column_runs(columns)
-        terms = [int(block[:, a:b].sum()) for a, b in runs]
-        main = max(range(len(runs)), key=terms.__getitem__)
-        for k in [main, *(k for k in range(len(runs)) if k != main)]:
-            a, b = runs[k]
-            if k == main:
-                r0, r1 = start, stop
-            else:
-                touched = block[:, a:b].any(1).nonzero().flatten()
-                r0, r1 = start + int(touched[0]), start + int(touched[-1]) + 1
-            weights = rows[r0:r1, a:b].contiguous()
-            scalar = float(weights) if weights.numel() == 1 else None
-            products.append(_BlockProduct((r0, r1), (a, b), weights, accumulate=k != main, scalar=scalar))
-            moved += (b - a) + (r1 - r0) * (2 if k != main else 1)
-    return MixingPlan(products, zero_rows, moved)
+    with warnings.catch_warnings():  # torch calls its sparse CSR layout "beta"; it is what we need here
+        warnings.simplefilter("ignore", UserWarning)
+        return local_rows.to_sparse_csr()
 
 
 @dataclass(frozen=True)
@@ -383,13 +301,13 @@ class _GraphPlan:
     in_degree: np.ndarray
     peer_ranks: list[int]
     local_rows: Tensor
-    mixing: MixingPlan | None
+    sparse_rows: Tensor | None
 
 
-def weighted_rows(rows: Tensor, values: Tensor, plan: MixingPlan | None, out: Tensor | None = None) -> Tensor:
+def weighted_rows(rows: Tensor, values: Tensor, sparse_rows: Tensor | None = None, out: Tensor | None = None) -> Tensor:
     """``out[i] = sum_j rows[i, j] * values[j]`` for ``rows [m, N]`` and ``values [N, ...]``.
 
-    ``plan``: ``mixing_plan(rows, ...)``, kept by the caller (None: the matrix product).
+    ``sparse_rows``: ``rows`` as CSR (``sparse_mixing``), kept by the caller; None: a dense product.
     ``out``: a contiguous ``[m, ...]`` tensor to write into, not sharing memory with ``values``
     (reusing a dead buffer spares the page faults of a fresh one); otherwise a new tensor.
     """
@@ -404,13 +322,10 @@ def weighted_rows(rows: Tensor, values: Tensor, plan: MixingPlan | None, out: Te
     ):
         raise ValueError(f"out must be a contiguous {tuple(shape)} tensor apart from values, not {tuple(out.shape)}")
     out_rows = out.view(rows.shape[0], -1)
-    if plan is None:
+    if sparse_rows is None:
         torch.matmul(rows, flat, out=out_rows)
-        return out
-    for start, stop in plan.zero_rows:
-        out_rows[start:stop].zero_()
-    for product in plan.products:
-        product.apply(out_rows, flat)
+    else:  # beta=0: out's old contents are never read, so a dead buffer's NaNs cannot leak in
+        torch.addmm(out_rows, sparse_rows, flat, beta=0, out=out_rows)
     return out
 
 
@@ -583,7 +498,7 @@ class WorkerGroup:
             msgs[:n] = plan.out_degree
         self.ledger.record(tag, sent, recv, msgs)
         everyone = self.comm.neighbor_exchange(t, self.blocks, plan.peer_ranks)
-        return weighted_rows(plan.local_rows, everyone, plan.mixing, out=out)
+        return weighted_rows(plan.local_rows, everyone, plan.sparse_rows, out=out)
 
     def _graph_plan(self, weights: Tensor, t: Tensor) -> _GraphPlan:
         """Degrees, peer ranks and this rank's rows of ``weights`` (for ``t``'s device and dtype), kept
@@ -614,7 +529,7 @@ class WorkerGroup:
             in_degree=edges.sum(dim=1).double().numpy(),
             peer_ranks=self._peer_ranks(edges),
             local_rows=local_rows,
-            mixing=mixing_plan(local_rows, t[0].numel()),
+            sparse_rows=sparse_mixing(host, local_rows),
         )
         return plan
 

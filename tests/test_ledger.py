@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from pnnctl.network import NetworkModel
-from pnnctl.workers import Ledger, WorkerGroup, block_plan, mixing_plan, weighted_rows
+from pnnctl.workers import Ledger, WorkerGroup, sparse_mixing, weighted_rows
 
 NETWORK = NetworkModel("test", latency_s=1e-3, bandwidth_bytes_per_s=1e6)
 WORKER_COUNTS = [1, 2, 3, 8]
@@ -215,12 +215,12 @@ def test_mix_over_a_graph_is_weights_times_values_and_costs_one_payload_per_edge
 
 
 def banded_and_scattered(name: str, generator: torch.Generator) -> torch.Tensor:
-    """Mixing matrices whose block products differ: bands with wrap-around, scattered entries, empty rows."""
+    """Mixing matrices of every shape the sums meet: bands with wrap-around, scattered entries, empty rows."""
     if name == "ring-40":
         return ring_weights(40)[0]
-    if name == "ring-rows-13-to-33":  # a rank's rows of a ring: two blocks, the second of 4 rows
+    if name == "ring-rows-13-to-33":  # a rank's rows of a ring
         return ring_weights(40)[0][13:33]
-    if name == "torus-8x8":  # i +- 1 and i +- 8: runs bridged over a gap and runs apart
+    if name == "torus-8x8":
         adj = torch.zeros(64, 64)
         for i in range(64):
             r, c = divmod(i, 8)
@@ -230,61 +230,74 @@ def banded_and_scattered(name: str, generator: torch.Generator) -> torch.Tensor:
     density = float(name.split("-")[1])
     rows = torch.rand(40, 40, generator=generator) * (torch.rand(40, 40, generator=generator) < density)
     rows[3] = 0.0  # a row with no neighbours gives zeros
-    rows[16:32] = 0.0  # a whole block without neighbours
+    rows[16:32] = 0.0  # a run of rows without neighbours
     return rows
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("name", ["ring-40", "ring-rows-13-to-33", "torus-8x8", "random-0.05", "random-0.2",
                                   "random-1.0"])
-def test_block_products_equal_the_matrix_product(name: str) -> None:
+def test_sparse_products_equal_the_matrix_product(name: str, dtype: torch.dtype) -> None:
     generator = torch.Generator().manual_seed(7)
-    rows = banded_and_scattered(name, generator)
-    values = torch.randn(rows.shape[1], 5, 3, generator=generator)
-    plan = block_plan(rows)
-    out = weighted_rows(rows, values, plan)
+    rows = banded_and_scattered(name, generator).to(dtype)
+    values = torch.randn(rows.shape[1], 5, 3, generator=generator, dtype=dtype)
+    sparse = rows.to_sparse_csr()
+    out = weighted_rows(rows, values, sparse)
     assert out.shape == (rows.shape[0], 5, 3)
     expected = (rows @ values.reshape(rows.shape[1], -1)).reshape(out.shape)
     torch.testing.assert_close(out, expected)
     assert out.data_ptr() != values.data_ptr()
-    buffer = torch.full(out.shape, float("nan"))  # a dead buffer: every element must be overwritten
-    written = weighted_rows(rows, values, plan, out=buffer)
+    buffer = torch.full(out.shape, float("nan"), dtype=dtype)  # a dead buffer: every element must be overwritten
+    written = weighted_rows(rows, values, sparse, out=buffer)
     assert written.data_ptr() == buffer.data_ptr()
     torch.testing.assert_close(written, expected)
-    # Each product reads its columns once and writes its rows once (reads them too where it adds).
-    assert plan.rows_moved == sum(
-        (p.columns[1] - p.columns[0]) + (p.rows[1] - p.rows[0]) * (2 if p.accumulate else 1) for p in plan.products
-    )
     square = values[: rows.shape[0]]
     with pytest.raises(ValueError, match="out must be"):
         # writing into the values being read would corrupt them
-        weighted_rows(rows[:, : rows.shape[0]], square, block_plan(rows[:, : rows.shape[0]]), out=square)
+        weighted_rows(rows[:, : rows.shape[0]], square, rows[:, : rows.shape[0]].to_sparse_csr(), out=square)
 
 
-def test_a_ring_is_one_band_product_per_block_and_its_wrap_around_one_term_each() -> None:
-    plan = block_plan(ring_weights(40)[0])  # blocks of rows 0-15, 16-31, 32-39
-    writes = [(p.rows, p.columns) for p in plan.products if not p.accumulate]
-    assert writes == [((0, 16), (0, 17)), ((16, 32), (15, 33)), ((32, 40), (31, 40))]
-    adds = [(p.rows, p.columns) for p in plan.products if p.accumulate]
-    assert adds == [((0, 1), (39, 40)), ((39, 40), (0, 1))]
+def test_a_rank_s_rows_sum_bit_for_bit_as_in_the_whole_graph() -> None:
+    # What lets a distributed run match the simulation exactly: each rank's slice of the sparse
+    # product gives the same bits as the same rows of the whole product.
+    generator = torch.Generator().manual_seed(3)
+    weights = banded_and_scattered("random-0.2", generator)
+    values = torch.randn(40, 1000, generator=generator)
+    whole = weighted_rows(weights, values, weights.to_sparse_csr())
+    for start, stop in [(0, 13), (13, 27), (27, 40), (5, 6)]:
+        rows = weights[start:stop]
+        assert torch.equal(weighted_rows(rows, values, rows.to_sparse_csr()), whole[start:stop])
 
 
-@pytest.mark.parametrize(("n", "graph", "blocked"), [(1, "ring", True), (4, "ring", False), (16, "ring", False),
-                                                     (64, "ring", True), (256, "ring", True),
-                                                     (256, "scattered", False)])
-def test_graphs_take_block_products_where_they_move_fewer_bytes(n: int, graph: str, blocked: bool) -> None:
-    # Rows of 269k floats (the 784-256-256-10 MLP). Up to 16 agents one product covers the matrix; a
-    # ring of 64 or 256 agents is a band; 8 neighbours scattered over 256 agents touch every block.
+def random_neighbours(n: int, k: int) -> torch.Tensor:
+    """Each agent averages itself and k others drawn at random over all n (no band to exploit)."""
+    generator = torch.Generator().manual_seed(0)
+    weights = torch.eye(n)
+    for i in range(n):
+        weights[i, torch.randperm(n, generator=generator)[:k]] = 1.0
+    return weights / weights.sum(dim=1, keepdim=True)
+
+
+@pytest.mark.parametrize(("n", "graph", "sparse"), [(1, "ring", False), (4, "ring", False), (8, "complete", False),
+                                                    (16, "ring", True), (64, "ring", True), (256, "ring", True),
+                                                    (256, "8-random", True), (256, "30-random", False)])
+def test_graphs_mix_sparsely_when_their_rows_are_few_and_sparse(n: int, graph: str, sparse: bool) -> None:
+    # A ring of 4 (3 of 4 columns) or a complete graph is one dense product; rings of 16 and more and
+    # 8 random neighbours of 256 are sparse; 30 random neighbours of 256 are past SPARSE_MAX_TERMS_PER_ROW.
     if graph == "ring":
         weights = ring_weights(n)[0] if n > 1 else torch.ones(1, 1)
+    elif graph == "complete":
+        weights = torch.full((n, n), 1.0 / n)
     else:
-        generator = torch.Generator().manual_seed(0)
-        weights = torch.eye(n)
-        for i in range(n):
-            weights[i, torch.randperm(n, generator=generator)[:8]] = 1.0
-    plan = mixing_plan(weights, 269_322)
-    assert (plan is not None) == blocked
-    if n == 1:  # one agent keeps its own vector: a multiply, not a [1, 1] GEMM
-        assert [p.weights.shape for p in plan.products] == [(1, 1)]
+        weights = random_neighbours(n, int(graph.split("-")[0]))
+    assert (sparse_mixing(weights, weights) is not None) == sparse
+    local = weights[n // 2 :]  # a rank's rows follow the whole graph's choice
+    chosen = sparse_mixing(weights, local)
+    assert (chosen is not None) == sparse
+    if chosen is not None:
+        assert chosen.layout == torch.sparse_csr and torch.equal(chosen.to_dense(), local)
+    assert (sparse_mixing(weights, local.double()) is not None) == sparse
+    assert sparse_mixing(weights, local.half()) is None  # the CPU's sparse product takes float32/64 only
 
 
 @pytest.mark.parametrize("n", [2, 3, 8])
