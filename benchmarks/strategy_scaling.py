@@ -128,7 +128,7 @@ def main() -> None:
                     neighbour_sums.reset()
                     result = train(config)
                 except UsageError as exc:
-                    rows.append([name, str(n), "-", "-", "-", "-", "-", "-", f"n/a: {exc}"[:60]])
+                    rows.append([name, str(n), "-", "-", "-", "-", "-", "-", f"n/a: {exc}"])
                     continue
             last = result.rows[-1]
             rounds = max(int(last["round"]), 1)
