@@ -268,12 +268,14 @@ def sparse_mixing(weights: Tensor, local_rows: Tensor) -> Tensor | None:
     in the dtype of the values they will mix) as a CSR tensor where the neighbour sums are faster as a
     sparse product, or None where one dense matrix product is.
 
-    A sparse product reads each output row's neighbours and writes the row once. On a 2-core EPYC
-    VM with rows of 269k floats, in one run (dense product / the block products pnnctl used before,
-    dense or banded GEMMs over runs of rows / sparse; ms): ring N = 16 2.9 / 2.7 / 1.6; ring N = 64
-    37.3 / 13.0 / 6.7; ring N = 256 501 / 61.5 / 27.1; torus 16 x 16 489 / 234 / 52.7; Erdős–Rényi(0.05)
-    N = 256, 14 terms per row, 486 / 633 / 166; but Erdős–Rényi(0.1) N = 256, 26 per row, 523 / 1059 /
-    701 and a complete graph of 16 2.6 / 2.7 / 6.2: hence the two limits above.
+    A sparse product reads each output row's neighbours and writes the row once (MKL's sparse product
+    where torch is built with it, as on Linux x86; elsewhere torch's own loop over rows, an axpy per
+    term, which keeps the rows independent too). On a 2-core EPYC VM with rows of 269k floats, in one
+    run (dense product / the block products pnnctl used before, dense or banded GEMMs over runs of rows
+    / sparse; ms): ring N = 16 2.9 / 2.7 / 1.6; ring N = 64 37.3 / 13.0 / 6.7; ring N = 256 501 / 61.5 /
+    27.1; torus 16 x 16 489 / 234 / 52.7; Erdős–Rényi(0.05) N = 256, 14 terms per row, 486 / 633 / 166;
+    but Erdős–Rényi(0.1) N = 256, 26 per row, 523 / 1059 / 701 and a complete graph of 16 2.6 / 2.7 /
+    6.2: hence the two limits above.
 
     The choice looks at the whole graph, not this process's rows, so that every rank of a distributed
     run and the simulation sum the same way: a sparse product's rows come out bit for bit the same
