@@ -260,7 +260,8 @@ def train(
 
 def _start_local_ranks_server(nproc: int | None) -> None:
     """With ``--nproc P > 1``, start the server the local ranks fork from now, before this process
-    imports torch (resolving the config does), so that the two imports overlap (pnnctl.rankserver).
+    imports torch (resolving the config or the grid does), so that the two imports overlap
+    (pnnctl.rankserver).
     An nproc set in a config file or by --set starts it only when the ranks start: merging those
     layers already imports torch (the strategies' names tell a --set section from a field)."""
     if nproc is not None and nproc > 1 and "RANK" not in os.environ:
@@ -381,6 +382,8 @@ def compare(
 
     A grid folder resumes: finished cells are skipped, a half-done cell continues from its checkpoint.
     """
+    if not dry_run:  # a grid's --nproc cells share one server; a grid of one-worker cells leaves it idle
+        _start_local_ranks_server(nproc)
     from pnnctl.grid import GridSpec, compare_from_cli
 
     if fmt not in ("table", "json"):
