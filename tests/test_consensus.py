@@ -16,7 +16,7 @@ from pnnctl.config import RunConfig
 from pnnctl.errors import UsageError
 from pnnctl.network import parse_network
 from pnnctl.training import evaluate, precision_context
-from pnnctl.workers import Ledger, WorkerGroup
+from pnnctl.workers import Ledger, WorkerGroup, sparse_mixing
 from strategies.consensus import (
     TrackingState,
     dgd_iteration,
@@ -449,10 +449,14 @@ def assert_runs_agree(config: RunConfig, tmp_path: Path, nproc: int = 2) -> pd.D
 
 
 @pytest.mark.distributed
-def test_two_process_run_equals_simulation(tmp_path: Path) -> None:
-    # 3 agents over 2 ranks (blocks of 2 and 1) on a time-varying graph with independent initial weights.
-    options = {"topology": "random-er:0.5", "window": 2, "iterations_per_round": 6, "init": "independent"}
-    config = RunConfig(strategy="consensus", dataset="digits", model="mlp:64-16-10", workers=3, epochs=0.2,
+@pytest.mark.parametrize(("workers", "topology", "sparse"), [(3, "random-er:0.5", False), (8, "ring", True)])
+def test_two_process_run_equals_simulation(tmp_path: Path, workers: int, topology: str, sparse: bool) -> None:
+    # 3 agents over 2 ranks (blocks of 2 and 1) on a time-varying graph with independent initial weights,
+    # mixed by dense products; and a ring of 8, which the CPU mixes by a sparse product of each rank's rows.
+    graph = GraphSequence(parse_topology(topology), workers, 0, window=2).weights_at(0)
+    assert (sparse_mixing(graph, graph) is not None) == sparse
+    options = {"topology": topology, "window": 2, "iterations_per_round": 6, "init": "independent"}
+    config = RunConfig(strategy="consensus", dataset="digits", model="mlp:64-16-10", workers=workers, epochs=0.2,
                        batch_size=8, lr=0.1, eval_every=0.1, device="cpu", options=options)
     rows = assert_runs_agree(config, tmp_path, nproc=2)
     extras = [json.loads(e) for e in rows["extras"]]
