@@ -114,6 +114,8 @@ from strategies.graphs import GraphSequence, edge_list, metropolis_hastings, par
 
 #: ``w -> (grad g_i(w_i) [n_local, P], mean loss of each agent [n_local])``
 GradFn = Callable[[Tensor], tuple[Tensor, Tensor]]
+#: ``w -> (grad g_i(w_i) as consecutive column blocks [n_local, P_k], mean loss of each agent [n_local])``
+GradBlocksFn = Callable[[Tensor], tuple[list[Tensor], Tensor]]
 
 BATCH_MODES = ("minibatch", "full")
 LOSSES = ("cross-entropy", "squared")
@@ -288,7 +290,7 @@ def next_iteration(
 def dgd_iteration(
     w: Tensor,
     alpha: float,
-    grad_fn: GradFn,
+    grad_fn: GradFn | GradBlocksFn,
     weights: Tensor,
     group: WorkerGroup,
     *,
@@ -298,11 +300,18 @@ def dgd_iteration(
 ) -> tuple[Tensor, Tensor]:
     """One DGD iteration of every local agent: ``(w_new, losses)``; the gradient is taken at the old w_i.
 
+    ``grad_fn`` may give the gradient whole or in column blocks (``GraphStrategy.gradient_blocks``),
+    which are added where they lie: joining them would be one more pass over ``[n_local, P]``.
     ``out``: a dead buffer shaped like ``w`` for ``w_new`` (not ``w`` itself).
     """
     grad, losses = grad_fn(w)
     mixed = group.mix(w, weights, tag="dgd_weights", out=out)  # ours, so it is updated in place
-    mixed.add_(grad, alpha=-alpha * group.n_workers)
+    step = -alpha * group.n_workers
+    if isinstance(grad, Tensor):
+        mixed.add_(grad, alpha=step)
+    else:
+        for columns, block in zip(mixed.split([b.shape[1] for b in grad], dim=1), grad, strict=True):
+            columns.add_(block, alpha=step)
     if reg == "l2":
         return mixed.add_(w, alpha=-2.0 * alpha * lam), losses
     return soft_threshold(mixed, alpha * lam), losses
@@ -403,12 +412,22 @@ class GraphStrategy(Strategy):
 
     def gradient(self, w: Tensor) -> tuple[Tensor, Tensor]:
         """grad g_i(w_i) ``[n_local, P]`` on a fresh batch, and each agent's mean batch loss."""
+        blocks, losses = self.gradient_blocks(w)
+        return torch.cat(blocks, dim=1), losses
+
+    def gradient_blocks(self, w: Tensor) -> tuple[list[Tensor], Tensor]:
+        """``gradient``'s ``[n_local, P]`` as one ``[n_local, P_k]`` block per parameter, in order, not joined.
+
+        The parameters are leaves cut from ``w``, so autograd hands back each one's gradient; differentiating
+        by ``w`` itself would join them (the backward of the cut), a pass over all P that DGD does not need.
+        """
         x, y, mask = self.next_batch()
-        w = w.detach().requires_grad_(True)
+        params = {name: piece.detach().requires_grad_(True) for name, piece in self.unflatten(w).items()}
         with torch.enable_grad():
-            losses = self.agent_losses(self.forward(w, x), y, mask)
-            (grad,) = torch.autograd.grad((losses * self.share).sum(), w)
-        return grad, losses.detach()
+            outputs = functional_call(self.template, params, (x,))
+            losses = self.agent_losses(outputs, y, mask)
+            grads = torch.autograd.grad((losses * self.share).sum(), list(params.values()), materialize_grads=True)
+        return [g.reshape(g.shape[0], -1) for g in grads], losses.detach()
 
     def weights(self) -> Tensor:
         # On the CPU (a static graph's one tensor every time): mix plans from a host copy and moves
@@ -572,7 +591,7 @@ class DGD(GraphStrategy):
         options = self.options
         # w_new goes into the buffer of the w before last, which nothing reads any more.
         w_new, losses = dgd_iteration(
-            self.w, self.alpha, self.gradient, self.weights(), self.ctx.group, lam=options.lam, reg=options.reg,
+            self.w, self.alpha, self.gradient_blocks, self.weights(), self.ctx.group, lam=options.lam, reg=options.reg,
             out=self.spare,
         )
         self.spare, self.w = self.w, w_new
