@@ -177,6 +177,26 @@ def test_next_reaches_the_centralized_optimum(topology: str) -> None:
     assert torch.allclose(state.y.sum(dim=0), state.grad.sum(dim=0), atol=1e-12)  # the tracker keeps the sum
 
 
+@pytest.mark.parametrize("model", ["mlp:64-16-10", "mlp:64-16-10,bias=false"])
+def test_gradient_blocks_are_the_whole_gradient_cut_and_dgd_steps_alike_with_either(
+    small_config, build_strategy, model: str
+) -> None:
+    # Full batches, so that both calls see the same samples; independent inits, so that the agents differ.
+    config = small_config(strategy="dgd", workers=4, model=model,
+                          options={"batch": "full", "init": "independent", "topology": "ring"})
+    strategy = build_strategy(config)
+    w = strategy.w.clone()
+    blocks, losses = strategy.gradient_blocks(w)
+    whole, whole_losses = strategy.gradient(w)
+    assert [b.shape[1] for b in blocks] == strategy.numels
+    assert torch.equal(torch.cat(blocks, dim=1), whole) and torch.equal(losses, whole_losses)
+    group, weights = strategy.ctx.group, strategy.weights()
+    by_blocks, _ = dgd_iteration(w, 0.1, lambda _: (blocks, losses), weights, group, lam=1e-3, reg="l2")
+    by_whole, _ = dgd_iteration(w, 0.1, lambda _: (whole, losses), weights, group, lam=1e-3, reg="l2")
+    assert torch.equal(by_blocks, by_whole)
+    assert not torch.equal(by_blocks, w)
+
+
 def test_dgd_with_a_constant_step_stalls_at_a_bias() -> None:
     n, lam = 8, 0.01
     grad_fn, optimum, hessian, _, _ = least_squares(n, lam=lam)
