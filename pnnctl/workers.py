@@ -286,7 +286,7 @@ def sparse_mixing(weights: Tensor, local_rows: Tensor) -> Tensor | None:
         return None
     n = weights.shape[0]
     terms = int(torch.count_nonzero(weights))
-    if n < 2 or terms > n * min(SPARSE_MAX_TERMS_PER_ROW, SPARSE_MAX_DENSITY * n):
+    if terms > n * min(SPARSE_MAX_TERMS_PER_ROW, SPARSE_MAX_DENSITY * n):  # one agent: 1 > 0.4, dense
         return None
     with warnings.catch_warnings():  # torch calls its sparse CSR layout "beta"; it is what we need here
         warnings.simplefilter("ignore", UserWarning)

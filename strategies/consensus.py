@@ -306,12 +306,9 @@ def dgd_iteration(
     """
     grad, losses = grad_fn(w)
     mixed = group.mix(w, weights, tag="dgd_weights", out=out)  # ours, so it is updated in place
-    step = -alpha * group.n_workers
-    if isinstance(grad, Tensor):
-        mixed.add_(grad, alpha=step)
-    else:
-        for columns, block in zip(mixed.split([b.shape[1] for b in grad], dim=1), grad, strict=True):
-            columns.add_(block, alpha=step)
+    blocks = [grad] if isinstance(grad, Tensor) else grad  # a whole gradient is one block of all P columns
+    for columns, block in zip(mixed.split([b.shape[1] for b in blocks], dim=1), blocks, strict=True):
+        columns.add_(block, alpha=-alpha * group.n_workers)
     if reg == "l2":
         return mixed.add_(w, alpha=-2.0 * alpha * lam), losses
     return soft_threshold(mixed, alpha * lam), losses
@@ -378,7 +375,11 @@ class GraphStrategy(Strategy):
 
     def forward(self, w: Tensor, x: Tensor) -> Tensor:
         """Outputs ``[n, B, K]`` of n stacked agents with flat weights ``w [n, P]`` on ``x [n, B, ...]``."""
-        return functional_call(self.template, self.unflatten(w), (x,))
+        return self.forward_with(self.unflatten(w), x)
+
+    def forward_with(self, params: dict[str, Tensor], x: Tensor) -> Tensor:
+        """``forward`` with the parameters given by name (``unflatten``'s pieces, or leaves cut from them)."""
+        return functional_call(self.template, params, (x,))
 
     def agent_losses(self, outputs: Tensor, y: Tensor, mask: Tensor | None = None) -> Tensor:
         """Mean loss of each agent over its batch, ``[n]`` (over the samples where ``mask`` is 1)."""
@@ -424,8 +425,7 @@ class GraphStrategy(Strategy):
         x, y, mask = self.next_batch()
         params = {name: piece.detach().requires_grad_(True) for name, piece in self.unflatten(w).items()}
         with torch.enable_grad():
-            outputs = functional_call(self.template, params, (x,))
-            losses = self.agent_losses(outputs, y, mask)
+            losses = self.agent_losses(self.forward_with(params, x), y, mask)
             grads = torch.autograd.grad((losses * self.share).sum(), list(params.values()), materialize_grads=True)
         return [g.reshape(g.shape[0], -1) for g in grads], losses.detach()
 
