@@ -327,6 +327,21 @@ def test_mix_without_new_messages_adds_bytes_only(n: int) -> None:
     assert ledger.messages.sum() == 0
 
 
+@pytest.mark.parametrize("n", [2, 5])
+def test_repeated_mixes_over_one_graph_each_add_their_own_traffic(n: int) -> None:
+    # A static graph's mixes reuse one plan's ledger arrays: each size and message flag keeps its own,
+    # and recording them never changes them (NEXT mixes weights and tracker every iteration).
+    group, ledger = group_of(n)
+    weights, degree = ring_weights(n)
+    expected = Expected(n)
+    for shape, new_messages in [((6,), True), ((6,), False), ((2, 3), True), ((4,), False), ((6,), True)]:
+        group.mix(values(n, shape), weights, new_messages=new_messages)
+        expected.mix(degree, degree, payload_bytes(shape, torch.float32), new_messages=new_messages)
+    group.mix(values(n, (4,)).double(), weights)  # the same graph at another dtype: twice the bytes
+    expected.mix(degree, degree, 32)
+    assert_round(ledger, expected)
+
+
 @pytest.mark.parametrize("n", WORKER_COUNTS)
 def test_a_round_of_several_collectives_projects_the_busiest_nodes_time(n: int) -> None:
     # A slow-latency network and a slow-bandwidth one, so different nodes can be the busiest.
