@@ -39,6 +39,15 @@ def _interactive() -> bool:
     return console.is_terminal
 
 
+def _progress_text(epoch: float, loss: float, acc: float | None) -> str:
+    """A progress line's figures. The evaluation before training has no training loss yet (NaN in
+    metrics.csv): printed as "loss nan" it read like a diverged run."""
+    parts = [] if epoch == 0 and math.isnan(loss) else [f"loss {loss:.4f}"]
+    if acc is not None:
+        parts.append(f"acc {acc * 100:.2f}%")
+    return "  ".join(parts)
+
+
 class CliProgress:
     """A rich progress bar on a terminal, plain lines otherwise (CI logs, pipes)."""
 
@@ -70,7 +79,7 @@ class CliProgress:
             console.print(f"{self.label}{run_id}: training for {total_epochs:g} epochs", highlight=False)
 
     def update(self, epoch: float, loss: float, acc: float | None) -> None:
-        text = f"loss {loss:.4f}" + (f"  acc {acc * 100:.2f}%" if acc is not None else "")
+        text = _progress_text(epoch, loss, acc)
         if self._progress is not None:
             self._progress.update(self._task, completed=epoch, status=text)
         else:
@@ -138,7 +147,7 @@ class _GridCellProgress:
                         completed=epoch, status="")
 
     def update(self, epoch: float, loss: float, acc: float | None) -> None:
-        text = f"loss {loss:.4f}" + (f"  acc {acc * 100:.2f}%" if acc is not None else "")
+        text = _progress_text(epoch, loss, acc)
         self.grid._progress.update(self.grid._cell_task, completed=epoch, status=text)
 
     def finish(self, status: str) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import struct
 from collections.abc import Callable
 from pathlib import Path
@@ -327,7 +328,6 @@ def test_a_grids_warnings_are_printed_once_per_cell_with_the_seeds_that_gave_the
 
 def test_help_shows_every_bracketed_word_of_the_options(cli) -> None:
     """Rich reads ``[word]`` in a help text as markup and drops it unless escaped."""
-    import re
 
     import typer
 
@@ -348,7 +348,6 @@ def test_help_shows_every_bracketed_word_of_the_options(cli) -> None:
 def test_list_shows_every_bracketed_word_of_the_descriptions(cli) -> None:
     """``alpha[n+1] = alpha[n]`` in consensus's option docs must not be read as rich markup."""
     import dataclasses
-    import re
 
     from pnnctl.config import field_docs
     from pnnctl.models import MODEL_FAMILIES
@@ -363,6 +362,17 @@ def test_list_shows_every_bracketed_word_of_the_descriptions(cli) -> None:
     assert shown.code == 0
     missing = [word for word in bracketed if word not in shown.out]
     assert not missing, f"`pnnctl list` dropped {missing}"
+
+
+def test_progress_lines_print_no_training_loss_before_training(cli, tmp_path: Path) -> None:
+    # The evaluation before any step has no training loss (NaN in metrics.csv); "loss nan" read as divergence.
+    result = cli("train", *TINY, "--epochs", "1", "--eval-every", "0.5", "--out", tmp_path)
+    assert result.code == 0, result.err
+    lines = [line for line in result.err.splitlines() if ": epoch " in line]
+    assert len(lines) == 3, result.err
+    assert re.search(r": epoch 0\.00  acc \d+\.\d\d%$", lines[0]), lines[0]
+    assert all(re.search(r"  loss \d+\.\d{4}  acc \d+\.\d\d%$", line) for line in lines[1:]), lines
+    assert "nan" not in result.err
 
 
 def test_the_progress_line_names_what_a_samples_budget_allows(cli, tmp_path: Path) -> None:
