@@ -128,7 +128,10 @@ def reset_peak_memory(device: torch.device) -> None:
     where either is missing the peak stays the process's.
     """
     if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+        # Before CUDA's first use there is nothing to reset, and torch's reset would raise ("did you call
+        # init?"): unlike the peak's getter it does not check.
+        if torch.cuda.is_initialized():
+            torch.cuda.reset_peak_memory_stats(device)
         return
     trim = getattr(_libc(), "malloc_trim", None)
     if trim is not None:

@@ -597,6 +597,8 @@ def _train_holding(
     device = resolve_device(config.device, runtime.local_rank, runtime.local_world_size)
     if device.type == "cpu":
         keep_freed_cpu_memory()
+    elif device.type == "cuda":  # the run's GPU becomes the current one (ranks set theirs): synchronize()
+        torch.cuda.set_device(device)  # waits for it, not for cuda:0 (--device cuda:1 timed kernel launches)
     reset_peak_memory(device)
     _check_precision(config, device)
     # Every round runs under the run's precision (bf16: autocast), so strategies need no precision

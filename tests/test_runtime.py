@@ -14,7 +14,7 @@ import torch.multiprocessing as mp
 from pnnctl.config import RunConfig, validate
 from pnnctl.distributed import TorchComm, free_port
 from pnnctl.errors import UsageError
-from pnnctl.runtime import detect_runtime, resolve_device
+from pnnctl.runtime import detect_runtime, reset_peak_memory, resolve_device
 from pnnctl.trainer import train
 
 
@@ -112,6 +112,15 @@ def test_each_run_in_a_process_reports_its_own_peak_memory(tmp_path: Path) -> No
     small = peak("mlp:*-32-*", "small")
     assert small < big - 150e6
     assert peak("mlp:*-4096-4096-*", "big-again") > small + 150e6
+
+
+def test_a_gpu_peak_reset_before_cuda_is_used_resets_nothing() -> None:
+    # The first thing a CUDA run did was this reset, and torch's raises until CUDA is initialised
+    # ("did you call init?"; here, with a CPU-only torch, for want of the function).
+    if torch.cuda.is_initialized():
+        pytest.skip("CUDA is already in use in this process")
+    reset_peak_memory(torch.device("cuda", 0))
+    assert not torch.cuda.is_initialized()  # and it did not start CUDA for nothing
 
 
 @pytest.mark.parametrize(("platform", "unit"), [("linux", 1024), ("darwin", 1)])
