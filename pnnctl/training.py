@@ -141,17 +141,36 @@ def precision_context(device: torch.device, precision: str) -> Iterator[None]:
     computed with the first step's weights (local-sgd on digits fell to 17% where fp32 reaches 86%).
     The models use each weight once per forward, so the cache saved no casts here.
     """
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    before = matmul.fp32_precision, conv.fp32_precision
-    matmul.fp32_precision = conv.fp32_precision = "tf32" if precision == "tf32" else "ieee"
-    try:
+    with _tf32(precision == "tf32"):
         if precision == "bf16":
             with torch.autocast(device.type, dtype=torch.bfloat16, cache_enabled=False):
                 yield
         else:
             yield
+
+
+@contextlib.contextmanager
+def _tf32(allowed: bool) -> Iterator[None]:
+    """CUDA's fp32 matmuls and cuDNN's convolutions in TF32 or in IEEE fp32, restored after.
+
+    torch keeps two sets of flags, the legacy ``allow_tf32`` ones and the ``fp32_precision`` ones, and
+    checks that they agree where it reads them (``allowTF32CuBLAS``: "you have used mix of the legacy
+    and new APIs"). Setting only the new ones, as pnnctl did, left tf32 runs in that mixed state, which
+    the legacy getters refuse and which cuBLAS's TF32 check, where a torch build makes it, would refuse
+    on every matmul. The legacy setters keep both sets in step; then the precisions are set to
+    ``ieee`` by name, as cuDNN's legacy "off" leaves them to a process-wide default.
+    """
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    legacy_before = matmul.allow_tf32, cudnn.allow_tf32
+    precisions_before = matmul.fp32_precision, cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision
+    matmul.allow_tf32 = cudnn.allow_tf32 = allowed
+    if not allowed:
+        cudnn.conv.fp32_precision = cudnn.rnn.fp32_precision = "ieee"
+    try:
+        yield
     finally:
-        matmul.fp32_precision, conv.fp32_precision = before
+        matmul.allow_tf32, cudnn.allow_tf32 = legacy_before
+        matmul.fp32_precision, cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision = precisions_before
 
 
 def stacked_cross_entropy(logits: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:

@@ -1,4 +1,4 @@
-"""The CUDA path: every registered strategy trains on a GPU, in fp32 and bf16. Skipped without CUDA."""
+"""The CUDA path: every registered strategy trains on a GPU, in fp32, bf16 and tf32. Skipped without CUDA."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA de
 
 @cuda
 @pytest.mark.parametrize("strategy", sorted(STRATEGIES))
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "tf32"])
 def test_every_strategy_trains_on_cuda(strategy: str, precision: str, tmp_path: Path) -> None:
     result = train(every_strategy_config(strategy, tmp_path, device="cuda", precision=precision))
     assert result.status == "finished"

@@ -40,18 +40,28 @@ def test_fp32_runs_without_autocast() -> None:
         assert torch.mm(torch.ones(2, 2), torch.ones(2, 2)).dtype == torch.float32
 
 
+def tf32_flags() -> tuple[object, ...]:
+    """Both sets of torch's TF32 flags. The legacy getters raise where the two sets disagree, as
+    cuBLAS's TF32 check does ("you have used mix of the legacy and new APIs")."""
+    matmul, cudnn = torch.backends.cuda.matmul, torch.backends.cudnn
+    return (matmul.allow_tf32, cudnn.allow_tf32, torch.get_float32_matmul_precision(), matmul.fp32_precision,
+            cudnn.conv.fp32_precision, cudnn.rnn.fp32_precision)
+
+
 def test_tf32_is_on_exactly_inside_a_tf32_context_and_restored_after() -> None:
     # cuDNN's default allows TF32 convolutions, so fp32 must say ieee; a tf32 run once left TF32 on
-    # for every later run in the process (compare runs its cells in one).
-    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
-    before = (matmul.fp32_precision, conv.fp32_precision)
-    for precision, mode in (("fp32", "ieee"), ("bf16", "ieee"), ("tf32", "tf32")):
+    # for every later run in the process (compare runs its cells in one), and set the new flags alone,
+    # which left the legacy ones saying fp32 (torch refuses that mix where it reads them).
+    before = tf32_flags()
+    for precision in ("fp32", "bf16", "tf32"):
         with precision_context(torch.device("cpu"), precision):  # the modes are process-wide either way
-            assert (matmul.fp32_precision, conv.fp32_precision) == (mode, mode)
-        assert (matmul.fp32_precision, conv.fp32_precision) == before
+            tf32 = precision == "tf32"
+            mode = "tf32" if tf32 else "ieee"
+            assert tf32_flags() == (tf32, tf32, "high" if tf32 else "highest", mode, mode, mode)
+        assert tf32_flags() == before
     with pytest.raises(ZeroDivisionError), precision_context(torch.device("cpu"), "tf32"):
         _ = 1 / 0
-    assert (matmul.fp32_precision, conv.fp32_precision) == before
+    assert tf32_flags() == before
 
 
 def test_batch_norm_keeps_fp32_running_statistics_under_bf16() -> None:
