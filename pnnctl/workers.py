@@ -319,6 +319,8 @@ class _GraphPlan:
             recv[:n] = self.in_degree * size
             if new_messages:
                 msgs[:n] = self.out_degree
+            for shared in (sent, recv, msgs):  # every later mix of this size hands out the same arrays
+                shared.flags.writeable = False
             self.traffic[key] = (sent, recv, msgs)
         return self.traffic[key]
 
