@@ -308,13 +308,14 @@ class _GraphPlan:
     #: The ledger arrays (sent, received, messages) of one mix, by (bytes per worker, new_messages).
     traffic: dict[tuple[int, bool], tuple[np.ndarray, np.ndarray, np.ndarray]] = field(default_factory=dict)
 
-    def mix_traffic(self, size: int, new_messages: bool, nodes: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """What a mix of ``size`` bytes per worker adds to a ledger of ``nodes`` nodes (workers, master last):
-        worked out once per graph and size, since a static graph mixes the same tensors every iteration."""
+    def mix_traffic(self, size: int, new_messages: bool) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """What a mix of ``size`` bytes per worker adds to the ledger (its N workers, then the master, who
+        takes no part): worked out once per graph and size, since a static graph mixes the same tensors
+        every iteration."""
         key = (size, new_messages)
         if key not in self.traffic:
-            n = len(self.out_degree)
-            sent, recv, msgs = np.zeros(nodes), np.zeros(nodes), np.zeros(nodes)
+            n = len(self.out_degree)  # every worker of the graph, not only this rank's
+            sent, recv, msgs = np.zeros(n + 1), np.zeros(n + 1), np.zeros(n + 1)
             sent[:n] = self.out_degree * size
             recv[:n] = self.in_degree * size
             if new_messages:
@@ -510,7 +511,7 @@ class WorkerGroup:
         weights and its tracker together), so only bytes are added.
         """
         plan = self._graph_plan(weights, t)
-        self.ledger.record(tag, *plan.mix_traffic(tensor_bytes(t), new_messages, self.n_workers + 1))
+        self.ledger.record(tag, *plan.mix_traffic(tensor_bytes(t), new_messages))
         everyone = self.comm.neighbor_exchange(t, self.blocks, plan.peer_ranks)
         return weighted_rows(plan.local_rows, everyone, plan.sparse_rows, out=out)
 
